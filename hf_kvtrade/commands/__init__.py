@@ -1,0 +1,1 @@
+"""Subcommands of `kvtrade`: one module each, exposing `register(subparsers)`."""

@@ -1,0 +1,171 @@
+"""Prices in, forecast out: the next-token distribution of a KVTrade model read as a return forecast.
+
+Horizon 1 is exact (the softmax over return bins, no sampling). Longer horizons sample whole paths with
+``generate`` and summarise them. ``Forecast`` is the one result type: the vLLM client returns it too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .distribution import BinnedDistribution
+from .modeling_kvtrade import KVTradeForCausalLM
+from .tokenization_kvtrade import ReturnTokenizer
+
+DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class Forecast:
+    """Forecast of the next ``horizon`` bars after ``last_price``.
+
+    ``return_quantiles[h, j]`` is quantile ``quantile_levels[j]`` of the cumulative log-return over bars
+    ``1..h+1``; ``price_quantiles`` is the same in price space. ``prob_up[h]`` is the probability that the price
+    after ``h+1`` bars is above ``last_price``.
+    """
+
+    last_price: float
+    quantile_levels: np.ndarray
+    return_quantiles: np.ndarray
+    prob_up: np.ndarray
+    mean_return: np.ndarray
+    distribution: BinnedDistribution | None = field(default=None, repr=False)
+    paths: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def horizon(self) -> int:
+        return len(self.prob_up)
+
+    @property
+    def prob_down(self) -> np.ndarray:
+        return 1.0 - self.prob_up
+
+    @property
+    def price_quantiles(self) -> np.ndarray:
+        return self.last_price * np.exp(self.return_quantiles)
+
+    @property
+    def price_paths(self) -> np.ndarray | None:
+        return None if self.paths is None else self.last_price * np.exp(np.cumsum(self.paths, axis=-1))
+
+    @classmethod
+    def from_distribution(cls, distribution: BinnedDistribution, last_price: float, quantiles) -> "Forecast":
+        """Exact one-step forecast from a single next-bar distribution."""
+        levels = np.asarray(quantiles, dtype=np.float64)
+        return cls(
+            last_price=float(last_price),
+            quantile_levels=levels,
+            return_quantiles=distribution.quantile(levels).reshape(1, -1),
+            prob_up=np.atleast_1d(distribution.prob_up()),
+            mean_return=np.atleast_1d(distribution.mean()),
+            distribution=distribution,
+        )
+
+    @classmethod
+    def from_paths(cls, paths: np.ndarray, last_price: float, quantiles) -> "Forecast":
+        """Summary of sampled log-return paths of shape ``(num_samples, horizon)``."""
+        levels = np.asarray(quantiles, dtype=np.float64)
+        cumulative = np.cumsum(paths, axis=1)
+        return cls(
+            last_price=float(last_price),
+            quantile_levels=levels,
+            return_quantiles=np.quantile(cumulative, levels, axis=0).T,
+            prob_up=(cumulative > 0).mean(axis=0),
+            mean_return=cumulative.mean(axis=0),
+            paths=paths,
+        )
+
+
+class Forecaster:
+    """Wraps a ``KVTradeForCausalLM`` and its ``ReturnTokenizer``.
+
+    >>> forecaster = Forecaster.from_pretrained("checkpoints/kvtrade-small")
+    >>> forecast = forecaster.predict(prices, horizon=1)
+    >>> forecast.prob_up, forecast.price_quantiles
+    """
+
+    def __init__(self, model: KVTradeForCausalLM, tokenizer: ReturnTokenizer | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer or ReturnTokenizer.from_config(model.config)
+        if self.tokenizer.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} ids but the model has vocab_size "
+                f"{model.config.vocab_size}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **model_kwargs) -> "Forecaster":
+        model = KVTradeForCausalLM.from_pretrained(path, **model_kwargs)
+        return cls(model, ReturnTokenizer.from_pretrained(path))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes a self-contained checkpoint: weights, config, model code (for trust_remote_code) and tokenizer."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def encode_context(self, prices) -> torch.Tensor:
+        """Token ids of the most recent ``context_length`` bars, as a (1, n) tensor on the model's device."""
+        ids = self.tokenizer.encode(prices)[-self.context_length :]
+        return torch.as_tensor(ids, device=self.model.device).unsqueeze(0)
+
+    @torch.inference_mode()
+    def next_token_probs(self, input_ids: torch.Tensor) -> np.ndarray:
+        logits = self.model(input_ids=input_ids, logits_to_keep=1).logits[:, -1]
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        prices,
+        horizon: int = 1,
+        num_samples: int = 256,
+        quantiles=DEFAULT_QUANTILES,
+        seed: int | None = None,
+    ) -> Forecast:
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}")
+        prices = np.asarray(prices, dtype=np.float64)
+        input_ids = self.encode_context(prices)
+        last_price = float(prices[-1])
+        if horizon == 1:
+            distribution = BinnedDistribution.from_token_probs(self.next_token_probs(input_ids)[0], self.tokenizer)
+            return Forecast.from_distribution(distribution, last_price, quantiles)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        paths = self.sample_paths(input_ids, horizon, num_samples)
+        return Forecast.from_paths(self.tokenizer.decode(paths), last_price, quantiles)
+
+    def sample_paths(self, input_ids: torch.Tensor, horizon: int, num_samples: int) -> np.ndarray:
+        """Token ids of ``num_samples`` sampled continuations, shape ``(num_samples, horizon)``.
+
+        ``top_k=0`` samples the full predictive distribution (generate's default would cut it to 50 bins); the
+        special tokens are suppressed so every sampled step is a return.
+        """
+        special_ids = list(range(self.tokenizer.first_bin_id))
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=horizon,
+            min_new_tokens=horizon,
+            num_return_sequences=num_samples,
+            suppress_tokens=special_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return output[:, input_ids.shape[1] :].cpu().numpy()
+
+
+__all__ = ["DEFAULT_QUANTILES", "Forecast", "Forecaster"]

@@ -1,0 +1,40 @@
+"""Model presets from `configs/*.json`, each in MHA, GQA or MQA flavour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .configuration_kvtrade import KVTradeConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ATTENTION_FLAVOURS = ("mha", "gqa", "mqa")
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_preset(name: str, attention: str = "gqa", kv_heads: int | None = None, **overrides) -> KVTradeConfig:
+    """Builds the config of preset ``name`` (``tiny``, ``small``, ``base`` or a path to a JSON file).
+
+    ``attention`` picks the flavour: ``mha`` (one KV head per query head), ``gqa`` (the preset's KV heads) or
+    ``mqa`` (one KV head); ``kv_heads`` overrides the count directly.
+    """
+    path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"unknown preset {name!r}: choose one of {available_presets()} or a path to a JSON file")
+    if attention not in ATTENTION_FLAVOURS:
+        raise ValueError(f"attention must be one of {ATTENTION_FLAVOURS}, got {attention!r}")
+    settings = {key: value for key, value in json.loads(path.read_text()).items() if not key.startswith("_")}
+    settings.update(overrides)
+    if kv_heads is not None:
+        settings["num_key_value_heads"] = kv_heads
+    elif attention == "mha":
+        settings["num_key_value_heads"] = settings["num_attention_heads"]
+    elif attention == "mqa":
+        settings["num_key_value_heads"] = 1
+    return KVTradeConfig(**settings)
+
+
+__all__ = ["ATTENTION_FLAVOURS", "available_presets", "load_preset"]

@@ -1,0 +1,221 @@
+"""Stateless, causal tokenizer of price series into log-return bins.
+
+Every bar's token depends only on that bar and the bar before it, through a FIXED grid of bins: no scale is
+estimated from the context. So ``encode(prices[:n])`` is always a prefix of ``encode(prices[:n + k])``, which is
+what makes a KV cache exact across ticks and lets vLLM's prefix cache hit on every new bar.
+
+The grid is uniform after mu-law companding of the clipped log-return, so bins are narrow around zero (where
+most returns are) and wide in the tails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TOKENIZER_FILE = "return_tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Token ids of a series, the log-returns they stand for, and which returns fell outside the clip range."""
+
+    ids: np.ndarray
+    returns: np.ndarray
+    clipped: np.ndarray = field(repr=False)
+
+    @property
+    def clipped_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.clipped)
+
+
+class ReturnTokenizer:
+    """Bins log-returns on a fixed mu-law grid.
+
+    Ids ``0..3`` are pad, bos, eos and missing-bar; ids ``4 .. 4 + num_bins - 1`` are return bins in increasing
+    order. ``encode(prices)`` gives ``[bos]`` followed by one token per return, i.e. ``len(prices)`` ids.
+    """
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    missing_token_id = 3
+    num_special_tokens = 4
+
+    def __init__(self, num_bins: int = 1024, clip: float = 0.2, mu: float = 255.0):
+        if num_bins < 2 or num_bins % 2:
+            raise ValueError(f"num_bins must be an even number >= 2 (a bin edge sits at zero), got {num_bins}")
+        if not (np.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a positive finite log-return, got {clip}")
+        if not (np.isfinite(mu) and mu > 0):
+            raise ValueError(f"mu must be positive, got {mu}")
+        self.num_bins = int(num_bins)
+        self.clip = float(clip)
+        self.mu = float(mu)
+        companded_edges = np.linspace(-1.0, 1.0, self.num_bins + 1)
+        self.bin_edges = self._expand(companded_edges)
+        self.bin_widths = np.diff(self.bin_edges)
+        self.bin_centers = 0.5 * (self.bin_edges[:-1] + self.bin_edges[1:])
+
+    # ----------------------------------------------------------------------------------------------- grid maths
+    def _compress(self, x: np.ndarray) -> np.ndarray:
+        return np.sign(x) * np.log1p(self.mu * np.abs(x) / self.clip) / np.log1p(self.mu)
+
+    def _expand(self, y: np.ndarray) -> np.ndarray:
+        return np.sign(y) * self.clip * np.expm1(np.abs(y) * np.log1p(self.mu)) / self.mu
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_special_tokens + self.num_bins
+
+    @property
+    def first_bin_id(self) -> int:
+        return self.num_special_tokens
+
+    def returns_to_bins(self, returns: np.ndarray) -> np.ndarray:
+        """Bin index (0-based, not token id) of each finite log-return; values beyond the clip go to the end bins."""
+        companded = self._compress(np.clip(returns, -self.clip, self.clip))
+        bins = np.floor((companded + 1.0) * (self.num_bins / 2.0)).astype(np.int64)
+        return np.clip(bins, 0, self.num_bins - 1)
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def encode_returns_with_info(self, returns, missing: str = "error", add_bos: bool = False) -> Encoding:
+        """Tokenizes log-returns directly. NaN returns raise unless ``missing="token"``."""
+        if missing not in ("error", "token"):
+            raise ValueError(f"missing must be 'error' or 'token', got {missing!r}")
+        returns = np.asarray(returns, dtype=np.float64)
+        if returns.ndim != 1:
+            raise ValueError(f"returns must be one-dimensional, got shape {returns.shape}")
+        is_nan = np.isnan(returns)
+        bad = np.flatnonzero(np.isinf(returns) | (is_nan & (missing == "error")))
+        if bad.size:
+            raise ValueError(f"return at index {bad[0]} is {returns[bad[0]]}: returns must be finite")
+        ids = np.full(returns.shape, self.missing_token_id, dtype=np.int64)
+        finite = ~is_nan
+        ids[finite] = self.returns_to_bins(returns[finite]) + self.first_bin_id
+        clipped = finite & (np.abs(np.where(finite, returns, 0.0)) > self.clip)
+        if clipped.any():
+            warnings.warn(
+                f"{int(clipped.sum())} returns beyond the clip range +-{self.clip} (first at index "
+                f"{int(np.flatnonzero(clipped)[0])}) were put in the end bins; see Encoding.clipped",
+                stacklevel=2,
+            )
+        if add_bos:
+            ids = np.concatenate([[self.bos_token_id], ids])
+            returns = np.concatenate([[np.nan], returns])
+            clipped = np.concatenate([[False], clipped])
+        return Encoding(ids=ids, returns=returns, clipped=clipped)
+
+    def encode_with_info(self, prices, timestamps=None, missing: str = "error", add_bos: bool = True) -> Encoding:
+        """Tokenizes a price series: one id per price (``bos`` for the first, then one per log-return).
+
+        NaN prices become the missing-bar token when ``missing="token"``; the next return is then taken against
+        the last valid price, which still depends on the past only.
+        """
+        prices = np.asarray(prices, dtype=np.float64)
+        if prices.ndim != 1:
+            raise ValueError(f"prices must be one-dimensional, got shape {prices.shape}")
+        if prices.size == 0:
+            raise ValueError("prices is empty: need at least one price")
+        if timestamps is not None:
+            self._check_timestamps(timestamps, len(prices))
+        is_nan = np.isnan(prices)
+        if missing == "error" and is_nan.any():
+            index = int(np.flatnonzero(is_nan)[0])
+            raise ValueError(f"price at index {index} is NaN (pass missing='token' to encode it as a missing bar)")
+        bad = np.flatnonzero(~is_nan & ~(np.isfinite(prices) & (prices > 0)))
+        if bad.size:
+            raise ValueError(f"price at index {bad[0]} is {prices[bad[0]]}: prices must be positive and finite")
+        if is_nan[0]:
+            raise ValueError("price at index 0 is NaN: a series must start with a valid price")
+        last_valid = np.maximum.accumulate(np.where(is_nan, 0, np.arange(len(prices))))
+        log_prices = np.log(np.where(is_nan, 1.0, prices))
+        returns = log_prices[1:] - log_prices[last_valid[:-1]]
+        returns[is_nan[1:]] = np.nan
+        return self.encode_returns_with_info(returns, missing=missing, add_bos=add_bos)
+
+    def encode(self, prices, timestamps=None, missing: str = "error", add_bos: bool = True) -> np.ndarray:
+        return self.encode_with_info(prices, timestamps=timestamps, missing=missing, add_bos=add_bos).ids
+
+    def encode_returns(self, returns, missing: str = "error", add_bos: bool = False) -> np.ndarray:
+        return self.encode_returns_with_info(returns, missing=missing, add_bos=add_bos).ids
+
+    @staticmethod
+    def _check_timestamps(timestamps, length: int) -> None:
+        stamps = np.asarray(timestamps)
+        if len(stamps) != length:
+            raise ValueError(f"got {len(stamps)} timestamps for {length} prices")
+        if np.issubdtype(stamps.dtype, np.datetime64):
+            stamps = stamps.astype("datetime64[ns]").astype(np.int64)
+        steps = np.diff(stamps)
+        bad = np.flatnonzero(steps <= 0)
+        if bad.size:
+            raise ValueError(
+                f"timestamp at index {bad[0] + 1} is not after the one before it: timestamps must be strictly increasing"
+            )
+
+    # ------------------------------------------------------------------------------------------------ decoding
+    def decode(self, ids) -> np.ndarray:
+        """Log-return (bin centre) of each id; special ids decode to NaN."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
+        if bad.size:
+            raise ValueError(f"token id at index {bad[0]} is {ids.flat[bad[0]]}, outside [0, {self.vocab_size})")
+        bins = ids - self.first_bin_id
+        is_bin = bins >= 0
+        out = np.full(ids.shape, np.nan)
+        out[is_bin] = self.bin_centers[bins[is_bin]]
+        return out
+
+    def decode_prices(self, ids, start_price: float) -> np.ndarray:
+        """Price path implied by a run of return tokens, starting from ``start_price``."""
+        returns = np.nan_to_num(self.decode(ids), nan=0.0)
+        return start_price * np.exp(np.cumsum(returns, axis=-1))
+
+    # --------------------------------------------------------------------------------------------- persistence
+    def to_dict(self) -> dict:
+        return {"num_bins": self.num_bins, "clip": self.clip, "mu": self.mu}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, TOKENIZER_FILE)
+        with open(path, "w") as f:
+            json.dump({"tokenizer_class": type(self).__name__, **self.to_dict()}, f, indent=2)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "ReturnTokenizer":
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    settings = json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} is not valid JSON: {error}") from None
+            settings.pop("tokenizer_class", None)
+            return cls(**settings)
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{directory} has neither {TOKENIZER_FILE} nor config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config) -> "ReturnTokenizer":
+        """The tokenizer a ``KVTradeConfig`` (or its dict) was built for."""
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        return cls(num_bins=get("num_bins", 1024), clip=get("return_clip", 0.2), mu=get("mu_law", 255.0))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ReturnTokenizer) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_bins={self.num_bins}, clip={self.clip}, mu={self.mu})"
+
+
+__all__ = ["Encoding", "ReturnTokenizer", "TOKENIZER_FILE"]

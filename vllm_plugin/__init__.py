@@ -1,0 +1,1 @@
+"""vLLM plugin for KVTrade (filled in by the vLLM issue)."""
