@@ -1,0 +1,217 @@
+"""Prices in, forecast out, through vLLM: over HTTP (`ForecastClient`) or in-process for batch jobs
+(`OfflineForecaster`).
+
+Both return the Transformers `Forecaster`'s `Forecast`. Horizon 1 reads the whole next-bar distribution from the
+logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
+exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampling
+from the full distribution over return bins only, as `Forecaster.sample_paths` does.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from .distribution import BinnedDistribution
+from .forecasting import DEFAULT_QUANTILES, Forecast
+from .tokenization_kvtrade import ReturnTokenizer
+
+
+class _VLLMForecasting(ABC):
+    """What both paths share: prompts from prices and forecasts from vLLM's outputs."""
+
+    tokenizer: ReturnTokenizer
+    context_length: int
+
+    def predict(
+        self,
+        prices,
+        horizon: int = 1,
+        num_samples: int = 256,
+        quantiles=DEFAULT_QUANTILES,
+        seed: int | None = None,
+    ) -> Forecast:
+        return self.predict_batch([prices], horizon, num_samples, quantiles, seed)[0]
+
+    def predict_batch(
+        self,
+        series: Sequence,
+        horizon: int = 1,
+        num_samples: int = 256,
+        quantiles=DEFAULT_QUANTILES,
+        seed: int | None = None,
+    ) -> list[Forecast]:
+        """One forecast per price series, computed in a single batch by the engine."""
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}")
+        if horizon > 1 and num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if horizon >= self.context_length:
+            raise ValueError(f"horizon {horizon} leaves no room for history in a context of {self.context_length}")
+        series = [np.asarray(prices, dtype=np.float64) for prices in series]
+        prompts = [self.encode_context(prices, horizon) for prices in series]
+        last_prices = [float(prices[-1]) for prices in series]
+        if horizon == 1:
+            token_probs = self._next_token_probs(prompts)
+            return [
+                Forecast.from_distribution(BinnedDistribution.from_token_probs(probs, self.tokenizer), price, quantiles)
+                for probs, price in zip(token_probs, last_prices)
+            ]
+        paths = self._sample_paths(prompts, horizon, num_samples, seed)
+        return [
+            Forecast.from_paths(self.tokenizer.decode(ids), price, quantiles) for ids, price in zip(paths, last_prices)
+        ]
+
+    def encode_context(self, prices, horizon: int = 1) -> list[int]:
+        """Token ids of the most recent bars that leave room for ``horizon`` generated ones in the context."""
+        return self.tokenizer.encode(prices)[-(self.context_length - horizon) :].tolist()
+
+    @property
+    def return_bin_ids(self) -> list[int]:
+        """Sampled paths use return bins only, as `Forecaster.sample_paths` suppresses the special tokens."""
+        return list(range(self.tokenizer.first_bin_id, self.tokenizer.vocab_size))
+
+    def _token_probs(self, logprobs_by_id: dict[int, float]) -> np.ndarray:
+        probs = np.zeros(self.tokenizer.vocab_size)
+        ids = np.fromiter(logprobs_by_id.keys(), dtype=np.int64)
+        probs[ids] = np.exp(np.fromiter(logprobs_by_id.values(), dtype=np.float64))
+        return probs
+
+    @abstractmethod
+    def _next_token_probs(self, prompts: list[list[int]]) -> np.ndarray:
+        """Probabilities over the whole vocabulary of the token after each prompt, shape ``(prompts, vocab)``."""
+
+    @abstractmethod
+    def _sample_paths(self, prompts: list[list[int]], horizon: int, num_samples: int, seed: int | None) -> np.ndarray:
+        """Token ids of sampled continuations, shape ``(prompts, num_samples, horizon)``."""
+
+
+class ForecastClient(_VLLMForecasting):
+    """Forecasts from a running `kvtrade serve` server over its OpenAI-compatible `/v1/completions`.
+
+    >>> client = ForecastClient("http://127.0.0.1:8000/v1", tokenizer=ReturnTokenizer.from_pretrained(checkpoint))
+    >>> client.predict(prices, horizon=1).prob_up
+
+    ``tokenizer`` must be the served checkpoint's (the default is the default grid, which `KVTradeConfig()`
+    uses). ``model`` defaults to the one model the server serves; the context length is the server's.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        tokenizer: ReturnTokenizer | None = None,
+        timeout: float = 120.0,
+    ):
+        from openai import OpenAI
+
+        # The openai client insists on a key; a server started without --api-key ignores it.
+        self.openai = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        served = {entry.id: entry for entry in self.openai.models.list().data}
+        self.model = model or next(iter(served))
+        if self.model not in served:
+            raise ValueError(f"the server at {base_url} serves {sorted(served)}, not {self.model!r}")
+        self.context_length = served[self.model].model_extra["max_model_len"]
+        self.tokenizer = tokenizer or ReturnTokenizer()
+
+    def complete(self, prompts: list[list[int]], **params):
+        """One `/v1/completions` call for a batch of token-id prompts; results come back as token ids."""
+        extra_body = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+        extra_body.update(params.pop("extra_body", {}))
+        return self.openai.completions.create(model=self.model, prompt=prompts, extra_body=extra_body, **params)
+
+    def _next_token_probs(self, prompts):
+        response = self.complete(prompts, max_tokens=1, logprobs=self.tokenizer.vocab_size)
+        choices = sorted(response.choices, key=lambda choice: choice.index)
+        # With return_tokens_as_token_ids the keys read "token_id:<id>".
+        return np.stack(
+            [
+                self._token_probs(
+                    {int(key.rsplit(":", 1)[1]): value for key, value in choice.logprobs.top_logprobs[0].items()}
+                )
+                for choice in choices
+            ]
+        )
+
+    def _sample_paths(self, prompts, horizon, num_samples, seed):
+        response = self.complete(
+            prompts,
+            max_tokens=horizon,
+            n=num_samples,
+            temperature=1.0,
+            top_p=1.0,
+            seed=seed,
+            extra_body={"min_tokens": horizon, "top_k": -1, "allowed_token_ids": self.return_bin_ids},
+        )
+        # Choices of prompt i are indices i * n .. i * n + n - 1.
+        choices = sorted(response.choices, key=lambda choice: choice.index)
+        ids = np.array([choice.token_ids for choice in choices], dtype=np.int64)
+        return ids.reshape(len(prompts), num_samples, horizon)
+
+
+class OfflineForecaster(_VLLMForecasting):
+    """Forecasts with an in-process `vllm.LLM`, for batch jobs over many series.
+
+    Builds the engine with the settings `kvtrade serve` uses; ``llm_kwargs`` override them (e.g.
+    ``enforce_eager=True`` to start faster). The CPU platform spawns the engine, so scripts that use this need an
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, **llm_kwargs):
+        from vllm import LLM
+
+        self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        settings = {
+            "skip_tokenizer_init": True,
+            "enable_prefix_caching": True,
+            "dtype": "float32",
+            "block_size": 32,
+            "max_logprobs": self.tokenizer.vocab_size,
+        }
+        settings.update(llm_kwargs)
+        self.llm = LLM(model=str(checkpoint), **settings)
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
+
+    def generate(self, prompts: list[list[int]], sampling_params):
+        from vllm.inputs import TokensPrompt
+
+        return self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt) for prompt in prompts], sampling_params, use_tqdm=False
+        )
+
+    def _next_token_probs(self, prompts):
+        from vllm import SamplingParams
+
+        outputs = self.generate(prompts, SamplingParams(max_tokens=1, logprobs=self.tokenizer.vocab_size))
+        return np.stack(
+            [
+                self._token_probs({token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()})
+                for output in outputs
+            ]
+        )
+
+    def _sample_paths(self, prompts, horizon, num_samples, seed):
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=num_samples,
+            max_tokens=horizon,
+            min_tokens=horizon,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=-1,
+            seed=seed,
+            allowed_token_ids=self.return_bin_ids,
+        )
+        outputs = self.generate(prompts, params)
+        return np.array(
+            [[sample.token_ids for sample in output.outputs] for output in outputs], dtype=np.int64
+        )
+
+
+__all__ = ["ForecastClient", "OfflineForecaster"]

@@ -1,0 +1,54 @@
+"""`kvtrade serve CHECKPOINT`: vLLM's OpenAI-compatible server for a KVTrade checkpoint."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from ..serving import DEFAULT_HOST, DEFAULT_MAX_SAMPLES, DEFAULT_PORT
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)",
+        description="Extra arguments after `--` go to vLLM's server unchanged.",
+    )
+    parser.add_argument("checkpoint", help="model folder saved by Forecaster.save_pretrained")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, local only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    parser.add_argument("--api-key", help="require this bearer token on /v1 requests")
+    parser.add_argument("--served-model-name", help="model name clients send (default: the folder's name)")
+    parser.add_argument(
+        "--max-samples", type=int, default=DEFAULT_MAX_SAMPLES, help="largest n per request (default: %(default)s)"
+    )
+    parser.add_argument("--dtype", default="float32", help="weights and activations dtype (default: %(default)s)")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="skip torch.compile: starts faster, runs a little slower"
+    )
+    parser.add_argument("vllm_args", nargs="*", help="arguments passed to vLLM's server after `--`")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from ..serving import server_command, server_environment, usage_instructions
+
+    try:
+        command = server_command(
+            args.checkpoint,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            served_model_name=args.served_model_name,
+            dtype=args.dtype,
+            enforce_eager=args.enforce_eager,
+            extra_args=args.vllm_args,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"kvtrade serve: {error}") from None
+    model = args.served_model_name or Path(args.checkpoint).name
+    print(usage_instructions(args.host, args.port, model, args.api_key), flush=True)
+    try:
+        return subprocess.run(command, env=server_environment(args.max_samples)).returncode
+    except KeyboardInterrupt:
+        return 0

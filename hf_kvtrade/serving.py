@@ -1,0 +1,205 @@
+"""Serving a KVTrade checkpoint with vLLM's OpenAI-compatible server, hardened against bad input.
+
+The checkpoint is served without a text tokenizer (prompts are lists of return-bin token ids), and in that mode
+vLLM does not check token ids: on the CPU engine a single id outside the vocabulary kills the worker and the
+server with it. ``PromptGuard`` is an ASGI middleware, loaded by vLLM's own ``--middleware`` option, that rejects
+such requests with a 400 before the engine sees them. Everything else vLLM validates itself (empty or too long
+prompts, ``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .tokenization_kvtrade import ReturnTokenizer
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_SAMPLES = 1024
+# The guard runs inside the server process, which vLLM starts from its own command line; this is how
+# `kvtrade serve --max-samples` reaches it.
+MAX_SAMPLES_ENV = "KVTRADE_MAX_SAMPLES"
+GUARDED_PATHS = ("/v1/completions",)
+# The CPU attention backend only accepts block sizes that are multiples of 32.
+CPU_BLOCK_SIZE = 32
+
+
+class PromptGuard:
+    """Pure ASGI middleware that checks ``/v1/completions`` bodies before vLLM parses them.
+
+    Rejects, with vLLM's own error format and a 400: token ids outside ``[0, vocab_size)`` (including non-integer
+    ids), and ``n`` above the server's sample limit (one request would otherwise queue an unbounded number of
+    sequences). The vocabulary size comes from the served model's config in ``app.state.vllm_config``.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.max_samples = int(os.environ.get(MAX_SAMPLES_ENV, DEFAULT_MAX_SAMPLES))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in GUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        vocab_size = scope["app"].state.vllm_config.model_config.get_vocab_size()
+        problem = self.find_problem(body, vocab_size)
+        if problem is not None:
+            message, parameter = problem
+            await _reject(message, parameter, scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def find_problem(self, body: bytes, vocab_size: int) -> tuple[str, str] | None:
+        """``(message, parameter)`` of the first problem vLLM would not catch itself, or None."""
+        try:
+            request = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # vLLM answers malformed JSON with a 400 of its own.
+        if not isinstance(request, dict):
+            return None
+        n = request.get("n")
+        if isinstance(n, int) and n > self.max_samples:
+            return f"n is {n}, above this server's limit of {self.max_samples} samples per request", "n"
+        for name, prompt in _token_prompts(request.get("prompt")):
+            bad = next((token for token in prompt if not _is_token_id(token, vocab_size)), None)
+            if bad is not None:
+                return (
+                    f"{name} holds token id {bad!r}, outside this model's vocabulary [0, {vocab_size}): prompts are "
+                    "ReturnTokenizer ids (0-3 special, then one id per return bin)",
+                    "prompt",
+                )
+        return None
+
+
+def _token_prompts(prompt) -> list[tuple[str, list]]:
+    """``(name, ids)`` of each token-id prompt: ``prompt`` is one list of ids or a batch of such lists.
+
+    Text prompts are left to vLLM, which refuses them because the server runs without a text tokenizer.
+    """
+    if not isinstance(prompt, list) or not prompt or any(isinstance(item, str) for item in prompt):
+        return []
+    if all(isinstance(item, list) for item in prompt):
+        return [(f"prompt[{index}]", ids) for index, ids in enumerate(prompt)]
+    return [("prompt", prompt)]
+
+
+def _is_token_id(token, vocab_size: int) -> bool:
+    return isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the already-read body to the app once, then defers to the client connection."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _reject(message: str, parameter: str, scope, receive, send) -> None:
+    from starlette.responses import JSONResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMValidationError
+
+    error = create_error_response(VLLMValidationError(message, parameter=parameter))
+    await JSONResponse(content=error.model_dump(), status_code=error.error.code)(scope, receive, send)
+
+
+def server_command(
+    checkpoint: str | os.PathLike,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    dtype: str = "float32",
+    enforce_eager: bool = False,
+    extra_args: list[str] | None = None,
+) -> list[str]:
+    """Command line of vLLM's OpenAI-compatible server for a KVTrade checkpoint.
+
+    The CPU build's ``vllm`` script is broken, so this runs the module. Prefix caching is on (every new bar
+    re-uses the cached history), ``max_logprobs`` covers the whole vocabulary (a horizon-1 forecast reads the
+    full next-bar distribution), and usage reports cached prompt tokens.
+    """
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no config.json")
+    vocab_size = ReturnTokenizer.from_pretrained(checkpoint).vocab_size
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(checkpoint),
+        "--served-model-name", served_model_name or checkpoint.name,
+        "--host", host,
+        "--port", str(port),
+        "--skip-tokenizer-init",
+        "--enable-prefix-caching",
+        "--block-size", str(CPU_BLOCK_SIZE),
+        "--dtype", dtype,
+        "--max-logprobs", str(vocab_size),
+        "--enable-prompt-tokens-details",
+        "--middleware", f"{PromptGuard.__module__}.{PromptGuard.__qualname__}",
+    ]  # fmt: skip
+    if api_key:
+        command += ["--api-key", api_key]
+    if enforce_eager:
+        command.append("--enforce-eager")
+    return command + list(extra_args or [])
+
+
+def server_environment(max_samples: int = DEFAULT_MAX_SAMPLES) -> dict[str, str]:
+    """Environment for the server process: the guard's sample limit, and a 1 GiB KV cache unless set already
+    (vLLM's CPU worker would otherwise reserve most of the machine's memory)."""
+    environment = dict(os.environ)
+    environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    environment[MAX_SAMPLES_ENV] = str(max_samples)
+    return environment
+
+
+def usage_instructions(host: str, port: int, model: str, api_key: str | None) -> str:
+    """How to call a running server, with curl and with the Python client."""
+    base_url = f"http://{host}:{port}/v1"
+    auth_header = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    api_key_arg = f", api_key={api_key!r}" if api_key else ""
+    return f"""\
+Serving {model} at {base_url} (OpenAI-compatible; prompts are ReturnTokenizer token ids).
+
+  curl {base_url}/completions -H "Content-Type: application/json"{auth_header} \\
+    -d '{{"model": "{model}", "prompt": [1, 520, 515, 530], "max_tokens": 1, "logprobs": 5,
+         "return_tokens_as_token_ids": true}}'
+
+  from hf_kvtrade.client import ForecastClient
+  client = ForecastClient("{base_url}"{api_key_arg})
+  forecast = client.predict(prices, horizon=1)          # exact next-bar distribution
+  forecast = client.predict(prices, horizon=8, num_samples=256)  # sampled paths
+"""
+
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_SAMPLES",
+    "DEFAULT_PORT",
+    "PromptGuard",
+    "server_command",
+    "server_environment",
+    "usage_instructions",
+]
