@@ -1,0 +1,52 @@
+"""`kvtrade convert-gqa`: pool a checkpoint's key/value heads into fewer groups (MHA -> GQA/MQA), optionally uptrain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_FILE = "conversion.json"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert-gqa", help="mean-pool key/value heads into K groups, optionally uptrain, and save the checkpoint"
+    )
+    parser.add_argument("source", metavar="SRC", help="checkpoint folder to convert")
+    parser.add_argument("destination", metavar="DST", help="folder for the converted checkpoint")
+    parser.add_argument("--kv-heads", type=int, required=True, help="key/value heads after conversion (divides SRC's)")
+    parser.add_argument("--uptrain-steps", type=int, default=0, help="Trainer steps after pooling (default: none)")
+    parser.add_argument("--series", default="all", help="comma-separated bundled series for uptraining and the test NLL, or 'all'")
+    parser.add_argument("--context-length", type=int, default=256, help="tokens per window (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..conversion import convert_checkpoint
+    from ..data import bundled_series_names, load_series
+
+    if not Path(args.source).is_dir():
+        raise SystemExit(f"SRC {args.source!r} is not a checkpoint folder")
+    names = bundled_series_names() if args.series == "all" else args.series.split(",")
+    frames = {name: load_series(name) for name in names}
+    report = convert_checkpoint(
+        args.source,
+        args.destination,
+        args.kv_heads,
+        frames,
+        uptrain_steps=args.uptrain_steps,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    Path(args.destination, REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    heads = f"{report['source_kv_heads']} -> {report['kv_heads']} kv heads"
+    print(f"{heads} ({report['num_attention_heads']} query heads); test NLL over {report['num_test_bars']} bars:")
+    for stage, nll in report["nll"].items():
+        print(f"  {stage:<10} {nll:.4f} nats/bar")
+    print(f"saved {args.destination} (report: {REPORT_FILE})")
+    return 0

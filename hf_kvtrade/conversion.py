@@ -1,0 +1,156 @@
+"""Multi-head to grouped-query attention conversion by mean-pooling key/value heads (Ainslie et al., 2023).
+
+Query heads are grouped contiguously, as ``repeat_kv`` in ``modeling_kvtrade.py`` shares them: KV head ``j`` of
+a model with ``G`` query heads per KV head serves query heads ``j*G .. j*G + G - 1``. Converting to ``K`` KV heads
+replaces each run of ``S / K`` source KV-head projections (``S``: the source's KV heads, all query heads for MHA)
+with their mean, so a model whose pooled heads were already identical computes exactly what it did before.
+After pooling, a short "uptraining" run on the original objective recovers most of the lost quality; the GQA
+paper uses about 5% of the pre-training compute.
+"""
+
+from __future__ import annotations
+
+from .modeling_kvtrade import KVTradeForCausalLM
+
+KV_PROJECTIONS = ("k_proj", "v_proj")
+
+
+def check_kv_heads(config, num_key_value_heads: int) -> None:
+    """Raises ValueError unless ``num_key_value_heads`` evenly pools the KV heads of ``config``."""
+    source_heads = config.num_key_value_heads
+    if num_key_value_heads < 1 or source_heads % num_key_value_heads:
+        divisors = [count for count in range(1, source_heads + 1) if source_heads % count == 0]
+        raise ValueError(
+            f"kv heads must divide the model's {source_heads} key/value heads "
+            f"({config.num_attention_heads} query heads) so that every group pools the same number of heads; "
+            f"got {num_key_value_heads}, choose one of {divisors}"
+        )
+
+
+def mean_pool_kv_heads(model: KVTradeForCausalLM, num_key_value_heads: int) -> KVTradeForCausalLM:
+    """A new model with ``num_key_value_heads`` KV heads, each the mean of its group's key/value projections.
+
+    Every other weight is copied unchanged; the result has the source's dtype, device and attention backend.
+    """
+    check_kv_heads(model.config, num_key_value_heads)
+    config = type(model.config).from_dict({**model.config.to_dict(), "num_key_value_heads": num_key_value_heads})
+    config._attn_implementation = model.config._attn_implementation
+    heads_per_group = model.config.num_key_value_heads // num_key_value_heads
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 2)[-2] in KV_PROJECTIONS:
+            # Rows of a k/v projection are (kv head, head_dim); bias rows likewise, with no input dimension.
+            grouped = tensor.reshape(num_key_value_heads, heads_per_group, config.head_dim, *tensor.shape[1:])
+            tensor = grouped.mean(dim=1).reshape(num_key_value_heads * config.head_dim, *tensor.shape[1:])
+        state[name] = tensor
+    converted = KVTradeForCausalLM(config).to(device=model.device, dtype=model.dtype)
+    converted.load_state_dict(state)
+    converted.generation_config = model.generation_config
+    return converted.eval()
+
+
+
+def uptrain(
+    model: KVTradeForCausalLM,
+    tokenizer,
+    frames: dict,
+    max_steps: int,
+    window_length: int = 256,
+    batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+) -> list[dict]:
+    """Continues training ``model`` in place on the training-period windows of ``frames``; returns the loss log.
+
+    ``hf_kvtrade.training.train`` always starts from fresh weights, so this runs the same ``Trainer`` on the same
+    ``token_windows`` starting from the pooled ones, with a constant learning rate after a short warmup (a
+    brief run has no room for a decay schedule) and no checkpoints.
+    """
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+    from .data import token_windows
+
+    if max_steps < 1:
+        raise ValueError(f"uptraining needs at least one step, got {max_steps}")
+    set_seed(seed)
+    windows = token_windows(frames, tokenizer, window_length)["train"]
+    windows = windows.remove_columns(["series", "start"]).with_format("torch")
+    model.train()
+    with tempfile.TemporaryDirectory(prefix="kvtrade-uptrain-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=0.1,
+            max_grad_norm=1.0,
+            save_strategy="no",
+            logging_steps=max(max_steps // 10, 1),
+            seed=seed,
+            use_cpu=model.device.type == "cpu",
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=arguments, train_dataset=windows, data_collator=default_data_collator)
+        trainer.train()
+    # The Trainer switches the cache off for training; inference and vLLM want it on.
+    model.config.use_cache = True
+    model.eval()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def convert_checkpoint(
+    source: str,
+    destination: str,
+    num_key_value_heads: int,
+    frames: dict,
+    uptrain_steps: int = 0,
+    context_length: int = 256,
+    **uptrain_kwargs,
+) -> dict:
+    """Pools ``source`` to ``num_key_value_heads`` KV heads, optionally uptrains it, and saves it to ``destination``.
+
+    Returns the test-period next-bar NLL (nats per bar, ``hf_kvtrade.evaluation``) of the source, of the pooled
+    model before uptraining and, when ``uptrain_steps > 0``, after it, pooled over every series of ``frames``.
+    """
+    from .evaluation import evaluate
+    from .forecasting import Forecaster
+
+    source_forecaster = Forecaster.from_pretrained(source)
+    check_kv_heads(source_forecaster.model.config, num_key_value_heads)
+    tokenizer = source_forecaster.tokenizer
+
+    def test_nll(model) -> dict:
+        results = evaluate(frames, model, tokenizer, context_length)
+        return {"nll": results["models"]["kvtrade"]["nll"], "num_bars": results["num_bars"], "models": results["models"]}
+
+    source_heads = source_forecaster.model.config.num_key_value_heads
+    source_scores = test_nll(source_forecaster.model)
+    report = {
+        "source": str(source),
+        "destination": str(destination),
+        "source_kv_heads": source_heads,
+        "kv_heads": num_key_value_heads,
+        "num_attention_heads": source_forecaster.model.config.num_attention_heads,
+        "context_length": context_length,
+        "series": sorted(frames),
+        "num_test_bars": source_scores["num_bars"],
+        "baseline_nll": {
+            name: metrics["nll"] for name, metrics in source_scores["models"].items() if name != "kvtrade"
+        },
+        "nll": {"source": source_scores["nll"]},
+    }
+    converted = mean_pool_kv_heads(source_forecaster.model, num_key_value_heads)
+    report["nll"]["converted"] = test_nll(converted)["nll"]
+    if uptrain_steps:
+        report["uptrain_steps"] = uptrain_steps
+        report["uptrain_log"] = uptrain(converted, tokenizer, frames, uptrain_steps, window_length=context_length, **uptrain_kwargs)
+        report["nll"]["uptrained"] = test_nll(converted)["nll"]
+    Forecaster(converted, tokenizer).save_pretrained(destination)
+    return report
+
+
+__all__ = ["check_kv_heads", "convert_checkpoint", "mean_pool_kv_heads", "uptrain"]
