@@ -1,0 +1,188 @@
+"""The streaming engine against full forward passes: every tick, every policy, through eviction and sliding."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from hf_kvtrade import KVTradeForCausalLM
+from hf_kvtrade.presets import load_preset
+from hf_kvtrade.signals import Signal
+from hf_kvtrade.streaming import PreallocatedKVCache, StreamingForecaster
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return KVTradeForCausalLM(load_preset("tiny", max_position_embeddings=512)).eval()
+
+
+def random_walk(length, seed, scale=0.01):
+    rng = np.random.default_rng(seed)
+    return 100.0 * np.exp(np.cumsum(rng.normal(0.0, scale, length)))
+
+
+@torch.inference_mode()
+def full_forward_bin_probs(model, ids):
+    """Next-bar bin probabilities after every prefix of ``ids``, from one cache-free forward pass."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    probs = torch.softmax(logits.double(), dim=-1)[:, 4:]
+    return (probs / probs.sum(-1, keepdim=True)).numpy()
+
+
+def test_full_policy_matches_full_forward_at_every_tick(model):
+    engine = StreamingForecaster(model)
+    prices = random_walk(300, seed=1)
+    ticks = [engine.update("spx", price) for price in prices]
+    reference = full_forward_bin_probs(model, engine.history("spx"))
+    for step, tick in enumerate(ticks):
+        np.testing.assert_allclose(tick.distribution.probs, reference[step], atol=1e-6, err_msg=f"tick {step}")
+    # One token of compute per tick: only the first bar went through a prefill.
+    assert engine.tokens_computed == len(prices)
+    assert engine.prefills == 1
+
+
+def test_sliding_window_past_the_context_length(model):
+    engine = StreamingForecaster(model, context_length=64, sliding_window=24)
+    for step, price in enumerate(random_walk(200, seed=2)):
+        tick = engine.update("spx", price)
+        context = engine.context_ids("spx")
+        assert len(context) <= 64
+        assert context == engine.history("spx")[-len(context) :]
+        np.testing.assert_allclose(
+            tick.distribution.probs, full_forward_bin_probs(model, context)[-1], atol=1e-6, err_msg=f"tick {step}"
+        )
+    assert engine.prefills > 1
+
+
+@pytest.mark.parametrize("policy, max_total_variation", [("int8", 0.02), ("int4", 0.15)])
+def test_quantized_policies_track_full_forward_within_their_error(model, policy, max_total_variation):
+    engine = StreamingForecaster(model, cache_policy=policy, cache_kwargs={"residual_length": 32})
+    prices = random_walk(300, seed=3)
+    ticks = [engine.update("spx", price) for price in prices]
+    reference = full_forward_bin_probs(model, engine.history("spx"))
+    total_variation = np.array([0.5 * np.abs(t.distribution.probs - r).sum() for t, r in zip(ticks, reference)])
+    # Until the first block is quantized the cache is exact.
+    assert total_variation[:32].max() < 1e-6
+    assert total_variation.max() < max_total_variation
+    assert total_variation[32:].max() > 0  # quantization really happened
+
+
+def test_sink_policy_runs_past_the_training_context_in_constant_memory(model):
+    engine = StreamingForecaster(model, cache_policy="sink", cache_kwargs={"num_sink_tokens": 4, "window": 60})
+    prices = random_walk(model.config.max_position_embeddings + 100, seed=4)
+    ticks = [engine.update("spx", price) for price in prices]
+    # While everything fits in sinks + window the sink cache is the full cache.
+    reference = full_forward_bin_probs(model, engine.history("spx")[:64])
+    for step in range(64):
+        np.testing.assert_allclose(ticks[step].distribution.probs, reference[step], atol=1e-6)
+    assert engine.prefills == 1
+    assert engine.session_bytes("spx") == PreallocatedKVCache.bytes_for(model.config, 64)
+    assert all(np.isfinite(tick.prob_up) for tick in ticks)
+
+
+def test_eviction_and_reprefill_restore_the_same_forecasts(model):
+    symbols = ["a", "b", "c"]
+    series = {symbol: random_walk(80, seed=10 + i) for i, symbol in enumerate(symbols)}
+    session_bytes = PreallocatedKVCache.bytes_for(model.config, 128)
+    budget = 2 * session_bytes + session_bytes // 2  # room for two sessions, never three
+    bounded = StreamingForecaster(model, context_length=128, memory_budget_bytes=budget)
+    unbounded = StreamingForecaster(model, context_length=128)
+    for step in range(80):
+        for symbol in symbols:
+            tick = bounded.update(symbol, series[symbol][step])
+            expected = unbounded.update(symbol, series[symbol][step])
+            assert bounded.cache_bytes() <= budget
+            np.testing.assert_allclose(tick.distribution.probs, expected.distribution.probs, atol=1e-6)
+    assert bounded.evictions > 0
+    assert bounded.peak_cache_bytes <= budget
+
+    before = bounded.forecast("a")
+    bounded.evict("a")
+    assert not bounded.is_resident("a")
+    after = bounded.forecast("a")
+    assert bounded.is_resident("a")
+    np.testing.assert_allclose(after.distribution.probs, before.distribution.probs, atol=1e-6)
+
+
+def test_growing_quantized_caches_stay_under_the_budget(model):
+    budget = 3 * PreallocatedKVCache.bytes_for(model.config, 60)
+    engine = StreamingForecaster(model, cache_policy="int8", memory_budget_bytes=budget)
+    for step, price in enumerate(random_walk(120, seed=20)):
+        for symbol in ("a", "b", "c"):
+            engine.update(symbol, price * (1 + 0.01 * ord(symbol)))
+            assert engine.cache_bytes() <= budget
+    assert engine.evictions > 0
+
+
+def test_market_prefix_is_computed_once_and_copied_into_each_session(model):
+    engine = StreamingForecaster(model)
+    index = random_walk(50, seed=30)
+    engine.set_market_context(index)
+    series = {symbol: random_walk(40, seed=31 + i) for i, symbol in enumerate(["a", "b", "c"])}
+    ticks = {symbol: [engine.update(symbol, price) for price in prices] for symbol, prices in series.items()}
+    # The prefix ran once; each session then computed only its own tokens.
+    assert engine.tokens_computed == len(index) + sum(len(prices) for prices in series.values())
+    prefix_ids = engine.tokenizer.encode(index).tolist()
+    for symbol, symbol_ticks in ticks.items():
+        reference = full_forward_bin_probs(model, prefix_ids + engine.history(symbol))[len(prefix_ids) :]
+        for tick, expected in zip(symbol_ticks, reference):
+            np.testing.assert_allclose(tick.distribution.probs, expected, atol=1e-6)
+
+
+def test_asyncio_feeds_give_the_same_ticks_as_direct_updates(model):
+    series = {"a": random_walk(30, seed=40), "b": random_walk(30, seed=41)}
+
+    async def replay():
+        engine = StreamingForecaster(model)
+        feeds = {symbol: asyncio.Queue() for symbol in series}
+        signals = asyncio.Queue()
+        for symbol, prices in series.items():
+            for price in prices:
+                feeds[symbol].put_nowait({"close": price})
+            feeds[symbol].put_nowait(None)
+        ticks = await engine.consume(feeds, signals)
+        return ticks, signals.qsize()
+
+    ticks, emitted = asyncio.run(replay())
+    assert emitted == len(ticks) == 60
+    direct = StreamingForecaster(model)
+    expected = {symbol: [direct.update(symbol, price).prob_up for price in prices] for symbol, prices in series.items()}
+    for symbol in series:
+        assert [tick.prob_up for tick in ticks if tick.symbol == symbol] == pytest.approx(expected[symbol], abs=1e-9)
+        assert all(isinstance(tick.signal, Signal) for tick in ticks)
+
+
+def test_latency_statistics_and_bar_formats(model):
+    engine = StreamingForecaster(model)
+    engine.update("a", 100.0)
+    engine.update("a", {"close": 101.0, "timestamp": 2})
+    tick = engine.update("a", type("Bar", (), {"close": 100.5, "timestamp": 3})())
+    assert tick.timestamp == 3 and tick.forecast.last_price == 100.5
+    stats = engine.latency_stats()
+    assert stats["ticks"] == 3 and 0 < stats["p50_ms"] <= stats["p99_ms"]
+    assert stats["cache_bytes"] == PreallocatedKVCache.bytes_for(model.config, 512)
+
+
+@pytest.mark.parametrize(
+    "bar, message",
+    [(-1.0, "positive"), (float("nan"), "positive"), ("abc", "number"), ({"open": 1.0}, "close")],
+)
+def test_bad_bars_are_rejected(model, bar, message):
+    with pytest.raises(ValueError, match=message):
+        StreamingForecaster(model).update("a", bar)
+
+
+def test_bad_settings_are_rejected(model):
+    with pytest.raises(ValueError, match="cache_policy"):
+        StreamingForecaster(model, cache_policy="lru")
+    with pytest.raises(ValueError, match="context_length"):
+        StreamingForecaster(model, context_length=10_000)
+    engine = StreamingForecaster(model, memory_budget_bytes=1024)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        engine.update("a", 100.0)
+    engine = StreamingForecaster(model)
+    engine.update("a", {"close": 100.0, "timestamp": 5})
+    with pytest.raises(ValueError, match="not after"):
+        engine.update("a", {"close": 100.0, "timestamp": 5})
