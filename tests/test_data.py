@@ -1,0 +1,320 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_kvtrade import ReturnTokenizer
+from hf_kvtrade.data import (
+    BUNDLED_SERIES,
+    bundled_series_names,
+    load_series,
+    read_ohlcv,
+    series_metadata,
+    split_periods,
+    token_windows,
+    tokenize_period,
+    validate_ohlcv,
+)
+from hf_kvtrade.data.live import BybitClient, BybitError, BybitRateLimitError, fetch_yfinance, from_yfinance_history
+from hf_kvtrade.data.windows import IGNORE_INDEX, cut_windows
+
+KNOWN_ROW_COUNTS = {
+    "sp500": 5031,
+    "nasdaq": 5031,
+    "msft": 7983,
+    "googl": 2335,
+    "bokeh_aapl": 3270,
+    "bokeh_fb": 196,
+    "skfolio_xom": 8313,
+    "eurusd_h1": 6225,
+}
+
+
+# --------------------------------------------------------------------------------------------- bundled series
+def test_required_series_are_listed():
+    names = bundled_series_names()
+    assert {"sp500", "nasdaq", "msft", "eurusd_h1"} <= set(names)
+    assert "eurusd_h1_backtesting" not in names  # AGPL source: never part of the default selection
+
+
+@pytest.mark.parametrize("name", bundled_series_names())
+def test_bundled_series_are_clean(name):
+    frame = load_series(name)
+    assert str(frame.index.tz) == "UTC"
+    assert frame.index.is_monotonic_increasing and frame.index.is_unique
+    assert "close" in frame.columns and set(frame.columns) <= {"open", "high", "low", "close", "volume"}
+    assert not frame["close"].isna().any()
+    assert (frame[[c for c in ("open", "high", "low", "close") if c in frame]] > 0).all().all()
+    if name in KNOWN_ROW_COUNTS:
+        assert len(frame) == KNOWN_ROW_COUNTS[name]
+
+
+def test_split_adjustment_removes_stock_splits():
+    # AAPL split 2:1 on 2005-02-28; unadjusted closes fall by half overnight.
+    closes = load_series("bokeh_aapl")["close"]
+    assert abs(np.log(closes["2005-02-28"] / closes["2005-02-25"])) < 0.1
+
+
+def test_optional_agpl_series_reads_from_the_installed_package():
+    if not BUNDLED_SERIES["eurusd_h1_backtesting"].available:
+        pytest.skip("backtesting (dev extra) is not installed")
+    assert len(load_series("eurusd_h1_backtesting")) == 5000
+    assert "eurusd_h1_backtesting" in bundled_series_names(include_optional=True)
+
+
+def test_series_metadata_describes_the_source():
+    metadata = series_metadata("sp500")
+    assert metadata["package"] == "arch" and metadata["frequency"] == "1D"
+    assert metadata["start"].startswith("1999-01-04") and metadata["end"].startswith("2018-12-31")
+    with pytest.raises(ValueError, match="unknown bundled series 'nope'"):
+        series_metadata("nope")
+
+
+# --------------------------------------------------------------------------------------------------- splits
+def _synthetic_frame(length=1000, start="2020-01-01", freq="h"):
+    rng = np.random.default_rng(0)
+    index = pd.date_range(start, periods=length, freq=freq, tz="UTC")
+    return pd.DataFrame({"close": 100 * np.exp(np.cumsum(rng.normal(0, 0.01, length)))}, index=index)
+
+
+def test_split_periods_are_ordered_disjoint_and_complete():
+    frame = load_series("sp500")
+    train, validation, test = split_periods(frame)
+    assert train.index[-1] < validation.index[0] and validation.index[-1] < test.index[0]
+    assert len(train) + len(validation) + len(test) == len(frame)
+    assert test.index[-1] == frame.index[-1]
+    assert len(test) == pytest.approx(0.1 * len(frame), abs=1)
+
+
+def test_split_periods_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_periods(_synthetic_frame(), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("length", [3, 5, 8, 9, 10])
+def test_cut_windows_with_overlap_cover_every_token_once_at_least(length):
+    ids = np.arange(10, 10 + length)
+    input_ids, labels = cut_windows(ids, window_length=4, pad_token_id=0, stride=2)
+    assert input_ids.shape[1] == 4
+    assert set(labels[labels != IGNORE_INDEX]) == set(ids)
+    for row_ids, row_labels in zip(input_ids, labels):
+        real = row_labels[row_labels != IGNORE_INDEX]
+        assert np.all(np.diff(real) == 1)  # contiguous stretch of the series
+        assert np.all(row_ids[len(real) :] == 0)
+
+
+def test_token_windows_never_cross_a_period_boundary():
+    tokenizer = ReturnTokenizer()
+    frame = _synthetic_frame(1003)
+    windows = token_windows({"synthetic": frame}, tokenizer, window_length=64, train_stride=16)
+    for period, part in zip(("train", "validation", "test"), split_periods(frame)):
+        expected = tokenize_period(part, tokenizer)
+        stride = 16 if period == "train" else 64
+        labels = np.asarray(windows[period]["labels"])
+        for number, row in enumerate(labels):
+            real = row[row != IGNORE_INDEX]
+            # Window `number` is exactly the period's tokens from its start on: nothing from another period.
+            assert np.array_equal(real, expected[number * stride : number * stride + len(real)])
+            assert windows[period]["start"][number] == part.index[number * stride].isoformat()
+        assert labels[-1][labels[-1] != IGNORE_INDEX][-1] == expected[-1]
+        assert set(windows[period]["series"]) == {"synthetic"}
+
+
+# ------------------------------------------------------------------------------------------ user files
+def _write_csv(tmp_path, text, name="bars.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+GOOD_CSV = "timestamp,open,high,low,close,volume\n" + "\n".join(
+    f"2024-01-0{day} 00:00:00,{100 + day},{101 + day},{99 + day},{100.5 + day},{10 * day}" for day in range(1, 6)
+)
+
+
+def test_read_csv_localizes_naive_timestamps(tmp_path):
+    frame = read_ohlcv(_write_csv(tmp_path, GOOD_CSV), timezone="America/New_York")
+    assert list(frame.columns) == ["open", "high", "low", "close", "volume"]
+    assert str(frame.index.tz) == "UTC"
+    assert frame.index[0] == pd.Timestamp("2024-01-01 05:00", tz="UTC")  # midnight in New York
+
+
+def test_read_csv_converts_offsets_and_maps_columns(tmp_path):
+    text = "Date,Adj Close\n2024-03-09T09:30:00-05:00,10\n2024-03-11T09:30:00-04:00,11\n"
+    frame = read_ohlcv(_write_csv(tmp_path, text), columns={"Date": "timestamp", "Adj Close": "close"})
+    assert list(frame.index) == [pd.Timestamp("2024-03-09 14:30", tz="UTC"), pd.Timestamp("2024-03-11 13:30", tz="UTC")]
+
+
+def test_read_parquet_with_epoch_milliseconds(tmp_path):
+    path = tmp_path / "bars.parquet"
+    pd.DataFrame({"time": [1_700_000_000_000, 1_700_000_060_000], "Close": [1.0, 1.1]}).to_parquet(path)
+    frame = read_ohlcv(path, timestamp_column="time")
+    assert frame.index[1] - frame.index[0] == pd.Timedelta("1min")
+    assert frame["close"].tolist() == [1.0, 1.1]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda lines: [lines[0], lines[2], lines[1], *lines[3:]], "not sorted: row 1"),
+        (lambda lines: [*lines[:3], lines[2], *lines[3:]], "duplicate timestamp 2024-01-02"),
+        (lambda lines: [*lines[:2], lines[2].replace(",102.5,", ",-1.0,"), *lines[3:]], "close at row 1 .* is -1.0"),
+        (lambda lines: [*lines[:2], lines[2].replace(",102.5,", ",0,"), *lines[3:]], "close at row 1 .* is 0.0"),
+    ],
+    ids=["unsorted", "duplicate", "negative", "zero"],
+)
+def test_broken_csv_gives_a_clear_error_and_repairs(tmp_path, mutate, message):
+    path = _write_csv(tmp_path, "\n".join(mutate(GOOD_CSV.splitlines())))
+    with pytest.raises(ValueError, match=message):
+        read_ohlcv(path)
+    repaired = read_ohlcv(path, repair=True)
+    assert repaired.index.is_monotonic_increasing and repaired.index.is_unique
+    assert (repaired["close"] > 0).all()
+
+
+def test_missing_columns_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['close'\]"):
+        read_ohlcv(_write_csv(tmp_path, "timestamp,open\n2024-01-01,1\n"))
+    with pytest.raises(ValueError, match="missing timestamp column 'timestamp'"):
+        read_ohlcv(_write_csv(tmp_path, "Date,close\n2024-01-01,1\n"))
+    with pytest.raises(ValueError, match=r"mapping names \['When'\]"):
+        read_ohlcv(_write_csv(tmp_path, GOOD_CSV), columns={"When": "timestamp"})
+
+
+def test_gaps_longer_than_max_gap_are_rejected(tmp_path):
+    lines = GOOD_CSV.splitlines()
+    path = _write_csv(tmp_path, "\n".join([*lines[:3], *lines[4:]]))  # drops 2024-01-03
+    assert len(read_ohlcv(path)) == 4
+    with pytest.raises(ValueError, match="gap of 2 days .* longer than max_gap=1 days"):
+        read_ohlcv(path, max_gap="1D")
+
+
+def test_unknown_file_type_and_naive_frames_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="neither a CSV"):
+        read_ohlcv(_write_csv(tmp_path, GOOD_CSV, name="bars.txt"))
+    naive = pd.DataFrame({"close": [1.0, 2.0]}, index=pd.date_range("2024", periods=2))
+    with pytest.raises(ValueError, match="timezone-naive"):
+        validate_ohlcv(naive)
+
+
+# --------------------------------------------------------------------------------------------- live: Bybit
+MINUTE_MS = 60_000
+FIRST_BAR_MS = 1_700_000_040_000  # a whole minute
+
+
+class FakeBybit(BaseHTTPRequestHandler):
+    """Answers /v5/market/kline like Bybit v5: newest first, at most `limit` bars ending at `end`."""
+
+    num_bars = 2500
+    script: list = []  # replies to give before the normal ones: ("http", status) or ("ret", code, message)
+    requests: list = []
+
+    def do_GET(self):
+        from urllib.parse import parse_qs, urlparse
+
+        url = urlparse(self.path)
+        params = {key: values[0] for key, values in parse_qs(url.query).items()}
+        type(self).requests.append(params)
+        if type(self).script:
+            reply = type(self).script.pop(0)
+            if reply[0] == "http":
+                return self._send(reply[1], {"retCode": 10006, "retMsg": "Too many visits!"})
+            return self._send(200, {"retCode": reply[1], "retMsg": reply[2], "result": {}, "retExtInfo": {}})
+        starts = FIRST_BAR_MS + MINUTE_MS * np.arange(self.num_bars)
+        starts = starts[(starts >= int(params.get("start", 0))) & (starts <= int(params.get("end", 1 << 62)))]
+        page = starts[::-1][: int(params.get("limit", 200))]
+        rows = [[str(s), *(f"{100 + (s - FIRST_BAR_MS) / MINUTE_MS + d:.1f}" for d in (0, 1, -1, 0.5)), "3", "300"] for s in page]
+        self._send(200, {"retCode": 0, "retMsg": "OK", "result": {"category": params["category"],
+                   "symbol": params["symbol"], "list": rows}, "retExtInfo": {}, "time": 1})  # fmt: skip
+
+    def _send(self, status, body):
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def bybit():
+    FakeBybit.script, FakeBybit.requests = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeBybit)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sleeps = []
+    client = BybitClient(f"http://127.0.0.1:{server.server_port}", max_retries=2, backoff=0.25, sleep=sleeps.append)
+    yield client, sleeps
+    server.shutdown()
+    server.server_close()
+
+
+def test_bybit_pages_backwards_through_the_range(bybit):
+    client, _ = bybit
+    start = pd.Timestamp(FIRST_BAR_MS, unit="ms", tz="UTC")
+    frame = client.klines("BTCUSDT", interval="1", start=start, end=start + pd.Timedelta(minutes=2499))
+    assert len(frame) == 2500 and len(FakeBybit.requests) == 3
+    assert frame.index[0] == start and frame.index.is_monotonic_increasing
+    assert frame["close"].iloc[-1] == pytest.approx(100 + 2499 + 0.5)
+    assert {"category": "linear", "symbol": "BTCUSDT", "interval": "1", "limit": "1000"}.items() <= FakeBybit.requests[0].items()
+
+
+def test_bybit_api_error_is_raised_without_retrying(bybit):
+    client, sleeps = bybit
+    FakeBybit.script = [("ret", 10001, "params error: symbol invalid")]
+    with pytest.raises(BybitError, match="retCode 10001: params error: symbol invalid"):
+        client.klines("NOPE")
+    assert sleeps == []
+
+
+def test_bybit_rate_limit_is_retried_with_backoff(bybit):
+    client, sleeps = bybit
+    FakeBybit.script = [("ret", 10006, "Too many visits!"), ("http", 429)]
+    frame = client.klines("BTCUSDT", interval="1", limit=10)
+    assert len(frame) == 10
+    assert sleeps == [0.25, 0.5]
+
+
+def test_bybit_persistent_rate_limit_is_surfaced(bybit):
+    client, sleeps = bybit
+    FakeBybit.script = [("http", 429)] * 3
+    with pytest.raises(BybitRateLimitError, match="HTTP 429 to 3 attempts"):
+        client.klines("BTCUSDT")
+    FakeBybit.script = [("ret", 10006, "Too many visits!")] * 3
+    with pytest.raises(BybitRateLimitError, match="retCode 10006"):
+        client.klines("BTCUSDT")
+
+
+def test_bybit_rejects_bad_arguments(bybit):
+    client, _ = bybit
+    with pytest.raises(ValueError, match="interval must be one of"):
+        client.klines("BTCUSDT", interval="7")
+    with pytest.raises(ValueError, match="limit must be between 1 and 1000"):
+        client.klines("BTCUSDT", limit=5000)
+
+
+# ------------------------------------------------------------------------------------------ live: yfinance
+def test_yfinance_history_is_converted_to_utc_ohlcv():
+    index = pd.DatetimeIndex(["2024-01-02", "2024-01-03"]).tz_localize("America/New_York").rename("Date")
+    history = pd.DataFrame(
+        {"Open": [1.0, 2.0], "High": [1.5, 2.5], "Low": [0.5, 1.5], "Close": [1.2, 2.2], "Volume": [10, 20],
+         "Dividends": [0.0, 0.0], "Stock Splits": [0.0, 0.0]}, index=index)  # fmt: skip
+    frame = from_yfinance_history(history)
+    assert list(frame.columns) == ["open", "high", "low", "close", "volume"]
+    assert frame.index[0] == pd.Timestamp("2024-01-02 05:00", tz="UTC")
+
+
+def test_fetch_yfinance_explains_the_optional_extra():
+    try:
+        import yfinance  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"hf-kvtrade\[live\]"):
+            fetch_yfinance("MSFT")
+    else:
+        pytest.skip("yfinance is installed; fetching would need the internet")
