@@ -1,0 +1,261 @@
+"""Attention backends at long context: prefill time and peak memory of eager vs sdpa (vs flash_attention_2), one-shot vs chunked.
+
+Prefill is ``generate(max_new_tokens=1)`` on a random prompt, one-shot or with Transformers' chunked prefill
+(``GenerationConfig.prefill_chunk_size``: the prompt goes through the model in chunks that fill a DynamicCache).
+
+Peak memory is the extra memory the prefill needed on top of the loaded model:
+- on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call;
+- on CPU, torch keeps no allocator statistics. The rows are measured in a fresh worker process that lowers
+  glibc's mmap threshold to 64 KiB (``mallopt(M_MMAP_THRESHOLD)``: every tensor buffer above that is its own
+  mapping, and freeing it returns it to the OS, so resident memory follows live tensors instead of malloc's
+  retained heap). Before each prefill the kernel's peak-RSS mark is reset through ``/proc/self/clear_refs``;
+  the peak is ``VmHWM - VmRSS`` read from ``/proc/self/status`` around the call.
+
+Eager attention materialises ``heads x query x key`` fp32 scores per layer (8 x 16k x 16k = 8 GiB at 16k):
+configurations whose score tensors would not fit in the available memory are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from ._common import context_list, machine_info, write_json
+
+FULL_CONTEXTS = (2048, 8192, 16384)
+# --quick: one decoder layer and no 16k. Attention scores are freed layer by layer, so the peak memory of one
+# layer is that of the whole stack; prefill times are about 1/num_layers of the full model's.
+QUICK_CONTEXTS = (2048, 8192)
+QUICK_LAYERS = 1
+BACKENDS = ("eager", "sdpa", "flash_attention_2")
+SEED_CLAIMS = {"attention_memory": "FlashAttention 10-640x less attention memory"}
+# Eager keeps about this many score-sized tensors alive at once (matmul output, scaled, masked, softmax).
+EAGER_LIVE_SCORE_TENSORS = 3
+MEMORY_SAFETY_FRACTION = 0.7
+WARMUP_TOKENS = 128
+
+
+def eager_score_bytes(config, query_length: int, key_length: int, itemsize: int = 4) -> int:
+    """Bytes of one layer's attention-score tensor in eager attention (batch 1)."""
+    return config.num_attention_heads * query_length * key_length * itemsize
+
+
+def available_memory_bytes(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def skip_reason(backend: str, config, context: int, chunk_size: int | None, device: str) -> str | None:
+    """Why a configuration cannot run here, or None."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if backend == "flash_attention_2":
+        if not device.startswith("cuda"):
+            return "flash_attention_2 needs a CUDA device"
+        if not is_flash_attn_2_available():
+            return "flash_attn is not installed"
+    if backend == "eager":
+        query_length = min(chunk_size or context, context)
+        needed = EAGER_LIVE_SCORE_TENSORS * eager_score_bytes(config, query_length, context)
+        available = available_memory_bytes(device)
+        if needed > MEMORY_SAFETY_FRACTION * available:
+            return (
+                f"eager scores need ~{needed / 2**30:.1f} GiB ({EAGER_LIVE_SCORE_TENSORS} x {config.num_attention_heads} "
+                f"heads x {query_length} x {context} fp32) but only {available / 2**30:.1f} GiB is available"
+            )
+    return None
+
+
+def _build_config(preset: str, backend: str, context: int, num_layers: int | None = None):
+    from ..presets import load_preset
+
+    overrides = {"num_hidden_layers": num_layers} if num_layers else {}
+    config = load_preset(preset, max_position_embeddings=max(context + 1, WARMUP_TOKENS + 1), **overrides)
+    config._attn_implementation = backend
+    return config
+
+
+def prefill_once(
+    preset: str,
+    backend: str,
+    context: int,
+    chunk_size: int | None,
+    device: str,
+    num_layers: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Runs one prefill and returns its time and peak extra memory (see the module docstring).
+
+    On CPU the peak is only meaningful in a process where ``_return_freed_tensor_memory_to_os`` ran first.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from ..modeling_kvtrade import KVTradeForCausalLM
+
+    config = _build_config(preset, backend, context, num_layers)
+    dtype = torch.bfloat16 if backend == "flash_attention_2" else torch.float32
+    torch.manual_seed(seed)
+    model = KVTradeForCausalLM(config).to(device=device, dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, config.vocab_size, (1, context), generator=generator).to(device)
+    generation_config = GenerationConfig(
+        max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk_size, pad_token_id=config.pad_token_id
+    )
+    on_cuda = device.startswith("cuda")
+
+    def prefill(input_ids):
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config)
+
+    with torch.inference_mode():
+        prefill(prompt[:, :WARMUP_TOKENS])
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = _read_status_kib("VmRSS") * 1024
+            Path("/proc/self/clear_refs").write_text("5")
+        start = time.perf_counter()
+        prefill(prompt)
+        if on_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() if on_cuda else _read_status_kib("VmHWM") * 1024
+    return {"prefill_s": seconds, "peak_extra_mib": (peak - before) / 2**20, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _read_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _return_freed_tensor_memory_to_os() -> None:
+    """Makes RSS track live tensors on glibc (see the module docstring); raises where that cannot be arranged."""
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("peak memory on CPU needs Linux /proc (clear_refs and status)")
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    if ctypes.CDLL(ctypes.util.find_library("c")).mallopt(m_mmap_threshold, 64 * 1024) != 1:
+        raise RuntimeError("glibc mallopt(M_MMAP_THRESHOLD) failed: peak RSS would include malloc's retained heap")
+
+
+def measure(
+    preset: str = "small",
+    contexts=FULL_CONTEXTS,
+    backends=BACKENDS,
+    chunk_size: int = 2048,
+    num_layers: int | None = None,
+    device: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """One row per (backend, context, one-shot | chunked); skipped rows carry ``skipped`` with the reason.
+
+    Ratios: ``memory_vs_eager`` and ``speedup_vs_eager`` compare each one-shot row with eager one-shot at the same
+    context; ``chunked_memory_reduction`` compares each chunked row with the same backend's one-shot row.
+    ``num_layers`` overrides the preset's depth. On CPU the rows are measured in a fresh worker process, whose
+    malloc settings (see the module docstring) must not leak into the caller's timings.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = dict(preset=preset, contexts=contexts, backends=backends, chunk_size=chunk_size)
+    settings.update(num_layers=num_layers, device=device, seed=seed)
+    if device.startswith("cuda"):
+        rows = _measure_rows(**settings)
+    else:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
+            rows = worker.submit(_measure_rows, **settings).result()
+    _add_ratios(rows)
+    return {
+        "benchmark": "attention",
+        "preset": preset,
+        "num_layers": num_layers or _build_config(preset, "sdpa", max(contexts)).num_hidden_layers,
+        "memory_method": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS (VmHWM), mmap threshold 64 KiB",
+        "seed_claims": SEED_CLAIMS,
+        "rows": rows,
+    }
+
+
+def _measure_rows(preset, contexts, backends, chunk_size, num_layers, device, seed) -> list[dict]:
+    if not device.startswith("cuda"):
+        _return_freed_tensor_memory_to_os()
+    machine = machine_info(device)
+    rows = []
+    for context in contexts:
+        for backend in backends:
+            # A context that fits in one chunk has no chunked row: it would repeat the one-shot run.
+            for mode_chunk in (None, chunk_size) if chunk_size < context else (None,):
+                config = _build_config(preset, backend, context, num_layers)
+                row = {
+                    "backend": backend,
+                    "context": context,
+                    "mode": "one-shot" if mode_chunk is None else f"chunked({mode_chunk})",
+                    "prefill_chunk_size": mode_chunk,
+                    "eager_scores_mib_per_layer": eager_score_bytes(config, mode_chunk or context, context) / 2**20,
+                    "machine": machine,
+                }
+                reason = skip_reason(backend, config, context, mode_chunk, device)
+                if reason:
+                    row["skipped"] = reason
+                else:
+                    row.update(prefill_once(preset, backend, context, mode_chunk, device, num_layers, seed))
+                rows.append(row)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    measured = {(row["backend"], row["context"], row["mode"]): row for row in rows if "skipped" not in row}
+    for (backend, context, mode), row in measured.items():
+        if mode == "one-shot":
+            eager = measured.get(("eager", context, "one-shot"))
+            if eager:
+                row["memory_vs_eager"] = row["peak_extra_mib"] / eager["peak_extra_mib"]
+                row["speedup_vs_eager"] = eager["prefill_s"] / row["prefill_s"]
+        else:
+            one_shot = measured.get((backend, context, "one-shot"))
+            if one_shot:
+                row["chunked_memory_reduction"] = one_shot["peak_extra_mib"] / row["peak_extra_mib"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_LAYERS} decoder layer and contexts {QUICK_CONTEXTS} only"
+    )
+    parser.add_argument("--contexts", type=context_list, help=f"comma-separated prompt lengths (default: {FULL_CONTEXTS})")
+    parser.add_argument("--preset", default="small", help="model shape (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prefill_chunk_size of the chunked rows")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def run(args) -> int:
+    result = measure(
+        preset=args.preset,
+        contexts=args.contexts or (QUICK_CONTEXTS if args.quick else FULL_CONTEXTS),
+        chunk_size=args.chunk_size,
+        num_layers=QUICK_LAYERS if args.quick else None,
+        device=args.device,
+    )
+    write_json(args.json, result)
+    for row in result["rows"]:
+        label = f"{row['backend']:>17} {row['context']:>6} {row['mode']:>15}"
+        if "skipped" in row:
+            print(f"{label}: skipped ({row['skipped']})")
+        else:
+            print(f"{label}: prefill {row['prefill_s']:.2f} s, peak +{row['peak_extra_mib']:.0f} MiB")
+    print(f"wrote {args.json}")
+    return 0

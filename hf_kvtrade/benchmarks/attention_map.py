@@ -1,0 +1,133 @@
+"""Attention map of the shipped model on a real series: which past bars the next-bar forecast attends to.
+
+Eager attention returns its softmax weights (``output_attentions=True``); they are averaged over every head of
+every layer. The row of the last position is what the next-bar forecast reads, indexed here by lag (0 is the
+latest bar). Without the shipped checkpoint a randomly initialised small preset stands in, and the result says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ._common import machine_info, write_json
+
+DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+SUMMARY_LAGS = (1, 5, 20, 60)
+
+
+def load_model(checkpoint: str | Path):
+    """``(forecaster, description)`` with eager attention; a random small preset when ``checkpoint`` is missing."""
+    from ..forecasting import Forecaster
+    from ..modeling_kvtrade import KVTradeForCausalLM
+    from ..presets import load_preset
+
+    if Path(checkpoint, "config.json").exists():
+        return Forecaster.from_pretrained(checkpoint, attn_implementation="eager"), f"checkpoint {checkpoint}"
+    config = load_preset("small")
+    config._attn_implementation = "eager"
+    return Forecaster(KVTradeForCausalLM(config)), f"random small preset (no checkpoint at {checkpoint})"
+
+
+def measure(
+    checkpoint: str | Path = DEFAULT_CHECKPOINT,
+    series: str = "sp500",
+    context_length: int = 256,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """The head- and layer-averaged attention map over the last ``context_length`` bars of ``series``.
+
+    Returns ``map`` (``context_length x context_length``, rows are query positions), ``weights_by_lag`` (the last
+    row, reversed so index 0 is the latest bar), the attention mass within the last few bars, the
+    attention-weighted mean lag, and the weight on the window's first token (attention sinks gather there).
+    With ``out_dir``, also writes ``attention_map.png`` there.
+    """
+    import torch
+
+    from ..data import load_series
+
+    forecaster, source = load_model(checkpoint)
+    frame = load_series(series)
+    if len(frame) < context_length + 1:
+        raise ValueError(f"series {series!r} has {len(frame)} bars, fewer than context_length + 1 = {context_length + 1}")
+    window = frame.iloc[-(context_length + 1) :]
+    # encode() prepends bos; dropping it leaves one token per bar of the window after its first.
+    input_ids = torch.as_tensor(forecaster.tokenizer.encode(window["close"].to_numpy())[1:]).unsqueeze(0)
+    with torch.inference_mode():
+        attentions = forecaster.model(input_ids=input_ids, output_attentions=True).attentions
+    attention_map = torch.stack(attentions).mean(dim=(0, 1, 2)).double().numpy()  # layers, batch, heads
+    weights_by_lag = attention_map[-1, ::-1].copy()
+    lags = np.arange(context_length)
+    result = {
+        "benchmark": "attention_map",
+        "source": source,
+        "series": series,
+        "context_length": context_length,
+        "first_bar": window.index[1].isoformat(),
+        "last_bar": window.index[-1].isoformat(),
+        "num_layers": len(attentions),
+        "num_heads": attentions[0].shape[1],
+        "mass_within_last": {str(lag): float(weights_by_lag[:lag].sum()) for lag in SUMMARY_LAGS},
+        "mean_lag": float(weights_by_lag @ lags),
+        "first_token_weight": float(attention_map[-1, 0]),
+        "uniform_weight": 1.0 / context_length,
+        "weights_by_lag": weights_by_lag,
+        "map": attention_map,
+        "machine": machine_info("cpu"),
+    }
+    if out_dir is not None:
+        result["plot"] = str(plot(result, window, Path(out_dir) / "attention_map.png"))
+    return result
+
+
+def plot(result: dict, window, path: Path) -> Path:
+    """Three panels: the prices of the window, the next forecast's weight on each bar, the full averaged map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = window.index[1:]
+    figure, (prices, weights, heatmap) = plt.subplots(
+        3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 2.2]}, constrained_layout=True
+    )
+    prices.plot(bars, window["close"].to_numpy()[1:], color="black", linewidth=1)
+    prices.set_ylabel("close")
+    prices.set_title(f"{result['series']}: attention of the next-bar forecast ({result['source']})")
+    weights.bar(bars, result["map"][-1], width=(bars[-1] - bars[0]) / len(bars), color="tab:blue")
+    weights.axhline(result["uniform_weight"], color="gray", linestyle="--", linewidth=1, label="uniform")
+    weights.set_yscale("log")
+    weights.set_ylabel("attention weight")
+    weights.legend(loc="upper left")
+    image = heatmap.imshow(
+        np.log10(np.maximum(result["map"], 1e-6)), cmap="viridis", aspect="auto", interpolation="nearest"
+    )
+    heatmap.set_xlabel("key position (bar)")
+    heatmap.set_ylabel("query position (bar)")
+    heatmap.set_title(f"log10 attention, mean over {result['num_heads']} heads x {result['num_layers']} layers")
+    figure.colorbar(image, ax=heatmap)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder for attention_map.png and attention_map.json")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--series", default="sp500", help="bundled series (default: %(default)s)")
+    parser.add_argument("--context-length", type=int, default=256, help="bars of context (default: %(default)s)")
+
+
+def run(args) -> int:
+    result = measure(args.checkpoint, args.series, args.context_length, out_dir=args.out)
+    summary = {key: value for key, value in result.items() if key != "map"}
+    summary["weights_by_lag"] = result["weights_by_lag"].tolist()
+    write_json(Path(args.out) / "attention_map.json", summary)
+    within = ", ".join(f"last {lag}: {mass:.1%}" for lag, mass in result["mass_within_last"].items())
+    print(f"{result['source']}, {result['series']} ({result['first_bar'][:10]} .. {result['last_bar'][:10]})")
+    print(f"attention mass of the next forecast within the {within}; mean lag {result['mean_lag']:.1f} bars")
+    print(f"wrote {result['plot']} and {Path(args.out) / 'attention_map.json'}")
+    return 0

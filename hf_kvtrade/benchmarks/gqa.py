@@ -1,0 +1,125 @@
+"""MHA vs GQA vs MQA at equal width: KV-cache bytes per token and cached-decode latency by context length.
+
+The three models share the preset's width, depth and query heads and differ only in ``num_key_value_heads``
+(MHA: one KV head per query head, GQA: the preset's groups, MQA: one). Weights are random: neither cache size nor
+step latency depends on what the weights are. Each context is prefilled once at the longest length; shorter
+contexts reuse that cache cropped back, and every timed decode step is cropped back again so each step sees
+exactly the stated context.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import context_list, machine_info, percentile_ms, time_calls, write_json
+
+FULL_CONTEXTS = (1024, 4096, 8192)
+SEED_CLAIMS = {"cache_reduction": "2-4x less KV cache", "decode_speedup": "1.9-3.3x faster"}
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the key and value tensors of every layer of a Transformers cache."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def measure(
+    preset: str = "small",
+    flavours=("mha", "gqa", "mqa"),
+    contexts=FULL_CONTEXTS,
+    decode_steps: int = 30,
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Returns ``{"rows": [...], ...}`` with one row per (flavour, context); ratios are relative to the first flavour."""
+    import torch
+    from transformers import DynamicCache
+
+    from ..modeling_kvtrade import KVTradeForCausalLM
+    from ..presets import load_preset
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else None
+    contexts = sorted(contexts, reverse=True)
+    machine = machine_info(device)
+    rows = []
+    for flavour in flavours:
+        config = load_preset(preset, attention=flavour, max_position_embeddings=max(contexts) + 1)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        model = KVTradeForCausalLM(config).to(device).eval()
+        generator = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(4, config.vocab_size, (1, contexts[0] + 1), generator=generator).to(device)
+        with torch.inference_mode():
+            cache = DynamicCache(config=config)
+            model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            next_token = prompt[:, -1:]
+
+            def decode_step():
+                model(input_ids=next_token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache.crop(-1)
+
+            for context in contexts:
+                cache.crop(-(cache.get_seq_length() - context))
+                durations = time_calls(decode_step, repeats=decode_steps, warmup=2, synchronize=synchronize)
+                rows.append(
+                    {
+                        "attention": flavour,
+                        "num_attention_heads": config.num_attention_heads,
+                        "num_key_value_heads": config.num_key_value_heads,
+                        "context": context,
+                        "cache_bytes_per_token": cache_nbytes(cache) / cache.get_seq_length(),
+                        "cache_mib": cache_nbytes(cache) / 2**20,
+                        "decode_p50_ms": percentile_ms(durations, 50),
+                        "decode_p90_ms": percentile_ms(durations, 90),
+                        "decode_steps": decode_steps,
+                        "machine": machine,
+                    }
+                )
+        del model, cache
+    _add_ratios(rows, reference=flavours[0])
+    return {
+        "benchmark": "gqa",
+        "preset": preset,
+        "attn_implementation": attn_implementation,
+        "dtype": "float32",
+        "seed_claims": SEED_CLAIMS,
+        "rows": sorted(rows, key=lambda row: (row["context"], flavours.index(row["attention"]))),
+    }
+
+
+def _add_ratios(rows: list[dict], reference: str) -> None:
+    """Adds ``cache_reduction_vs_<ref>`` and ``decode_speedup_vs_<ref>`` (reference / row: >1 means better)."""
+    baseline = {row["context"]: row for row in rows if row["attention"] == reference}
+    for row in rows:
+        base = baseline[row["context"]]
+        row[f"cache_reduction_vs_{reference}"] = base["cache_bytes_per_token"] / row["cache_bytes_per_token"]
+        row[f"decode_speedup_vs_{reference}"] = base["decode_p50_ms"] / row["decode_p50_ms"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--quick", action="store_true", help="fewer timed decode steps (10 instead of 30)")
+    parser.add_argument("--contexts", type=context_list, help=f"comma-separated context lengths (default: {FULL_CONTEXTS})")
+    parser.add_argument("--preset", default="small", help="model shape (default: %(default)s)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=("eager", "sdpa"))
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def run(args) -> int:
+    result = measure(
+        preset=args.preset,
+        contexts=args.contexts or FULL_CONTEXTS,
+        decode_steps=10 if args.quick else 30,
+        attn_implementation=args.attn_implementation,
+        device=args.device,
+    )
+    write_json(args.json, result)
+    for row in result["rows"]:
+        print(
+            f"{row['attention']:>4} kv_heads={row['num_key_value_heads']} context={row['context']:>5}: "
+            f"{row['cache_bytes_per_token']:.0f} B/token ({row['cache_reduction_vs_mha']:.1f}x less), "
+            f"decode p50 {row['decode_p50_ms']:.2f} ms ({row['decode_speedup_vs_mha']:.2f}x faster)"
+        )
+    print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,89 @@
+"""Smoke tests of the gqa, attention and attention_map benchmarks at tiny sizes: structure and byte invariants only.
+
+Timings are never asserted: the benchmarks report them side by side, and their ratios are read in the report.
+"""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from hf_kvtrade.benchmarks import _common, attention, attention_map, gqa
+from hf_kvtrade.cli import main
+from hf_kvtrade.presets import load_preset
+
+MACHINE_KEYS = {"cpu", "cores", "torch", "transformers", "device"}
+
+
+def test_common_helpers(tmp_path):
+    durations = _common.time_calls(lambda: None, repeats=4, warmup=1)
+    assert len(durations) == 4 and all(seconds >= 0 for seconds in durations)
+    assert _common.percentile_ms([0.001, 0.002, 0.003], 50) == pytest.approx(2.0)
+    path = _common.write_json(tmp_path / "nested" / "out.json", {"rows": [1]})
+    assert json.loads(path.read_text()) == {"rows": [1]}
+    assert MACHINE_KEYS <= set(_common.machine_info("cpu"))
+    assert _common.context_list("1024,4096") == (1024, 4096)
+    with pytest.raises(argparse.ArgumentTypeError, match="positive"):
+        _common.context_list("0,8")
+
+
+def test_gqa_cache_bytes_follow_kv_heads():
+    result = gqa.measure(preset="tiny", contexts=(16, 48), decode_steps=2)
+    config = load_preset("tiny")
+    assert [(row["context"], row["attention"]) for row in result["rows"]] == [
+        (context, flavour) for context in (16, 48) for flavour in ("mha", "gqa", "mqa")
+    ]
+    for row in result["rows"]:
+        # keys + values, every layer, fp32
+        expected = 2 * config.num_hidden_layers * row["num_key_value_heads"] * config.head_dim * 4
+        assert row["cache_bytes_per_token"] == expected
+        assert row["cache_reduction_vs_mha"] == config.num_attention_heads / row["num_key_value_heads"]
+        assert row["decode_p50_ms"] > 0 and row["decode_speedup_vs_mha"] > 0
+        assert MACHINE_KEYS <= set(row["machine"])
+    assert {row["num_key_value_heads"] for row in result["rows"]} == {4, 2, 1}
+
+
+def test_attention_rows_skips_and_score_memory():
+    result = attention.measure(preset="tiny", contexts=(96, 512), chunk_size=128, num_layers=1)
+    rows = {(row["backend"], row["context"], row["mode"]): row for row in result["rows"]}
+    # A context within one chunk has no chunked row; flash_attention_2 needs CUDA.
+    assert ("eager", 96, "chunked(128)") not in rows
+    assert set(rows) >= {("eager", 512, "one-shot"), ("eager", 512, "chunked(128)"), ("sdpa", 512, "chunked(128)")}
+    assert all("CUDA" in row["skipped"] for key, row in rows.items() if key[0] == "flash_attention_2")
+    eager = rows[("eager", 512, "one-shot")]
+    # Eager materialises heads x 512 x 512 fp32 scores: the measured peak cannot be below one such tensor.
+    assert eager["eager_scores_mib_per_layer"] == 4 * 512 * 512 * 4 / 2**20
+    assert eager["peak_extra_mib"] >= eager["eager_scores_mib_per_layer"]
+    assert rows[("eager", 512, "chunked(128)")]["eager_scores_mib_per_layer"] == 4 * 128 * 512 * 4 / 2**20
+    assert rows[("sdpa", 512, "one-shot")]["memory_vs_eager"] > 0
+    assert rows[("sdpa", 512, "chunked(128)")]["chunked_memory_reduction"] > 0
+    assert result["num_layers"] == 1
+    assert all(MACHINE_KEYS <= set(row["machine"]) for row in rows.values())
+
+
+def test_eager_that_cannot_fit_is_skipped_with_reason():
+    config = load_preset("small", max_position_embeddings=2**20)
+    reason = attention.skip_reason("eager", config, 2**19, None, "cpu")
+    assert "GiB" in reason and "eager scores" in reason
+    assert attention.skip_reason("sdpa", config, 2**19, None, "cpu") is None
+
+
+def test_attention_map_is_causal_and_normalised(tmp_path):
+    result = attention_map.measure(tmp_path / "no-checkpoint", "sp500", context_length=24, out_dir=tmp_path)
+    assert result["source"].startswith("random small preset")
+    attention_map_ = result["map"]
+    assert attention_map_.shape == (24, 24)
+    np.testing.assert_allclose(attention_map_.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(attention_map_, k=1) == 0)
+    np.testing.assert_allclose(result["weights_by_lag"], attention_map_[-1, ::-1])
+    assert result["mass_within_last"]["20"] <= result["mass_within_last"]["60"] == pytest.approx(1.0)
+    assert (tmp_path / "attention_map.png").stat().st_size > 0
+
+
+def test_bench_cli_writes_json(tmp_path):
+    main(["bench", "gqa", "--json", str(tmp_path / "gqa.json"), "--preset", "tiny", "--contexts", "16", "--quick"])
+    assert len(json.loads((tmp_path / "gqa.json").read_text())["rows"]) == 3
+    main(["bench", "attention_map", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none"), "--context-length", "16"])
+    summary = json.loads((tmp_path / "attention_map.json").read_text())
+    assert len(summary["weights_by_lag"]) == 16 and "map" not in summary
