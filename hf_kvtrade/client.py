@@ -45,6 +45,8 @@ class _VLLMForecasting(ABC):
         seed: int | None = None,
     ) -> list[Forecast]:
         """One forecast per price series, computed in a single batch by the engine."""
+        if len(series) == 0:
+            raise ValueError("series is empty: pass at least one price series")
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if horizon > 1 and num_samples < 1:
@@ -55,12 +57,12 @@ class _VLLMForecasting(ABC):
         prompts = [self.encode_context(prices, horizon) for prices in series]
         last_prices = [float(prices[-1]) for prices in series]
         if horizon == 1:
-            token_probs = self._next_token_probs(prompts)
+            token_probs = self.next_token_probs(prompts)
             return [
                 Forecast.from_distribution(BinnedDistribution.from_token_probs(probs, self.tokenizer), price, quantiles)
                 for probs, price in zip(token_probs, last_prices)
             ]
-        paths = self._sample_paths(prompts, horizon, num_samples, seed)
+        paths = self.sample_paths(prompts, horizon, num_samples, seed)
         return [
             Forecast.from_paths(self.tokenizer.decode(ids), price, quantiles) for ids, price in zip(paths, last_prices)
         ]
@@ -81,11 +83,11 @@ class _VLLMForecasting(ABC):
         return probs
 
     @abstractmethod
-    def _next_token_probs(self, prompts: list[list[int]]) -> np.ndarray:
+    def next_token_probs(self, prompts: list[list[int]]) -> np.ndarray:
         """Probabilities over the whole vocabulary of the token after each prompt, shape ``(prompts, vocab)``."""
 
     @abstractmethod
-    def _sample_paths(self, prompts: list[list[int]], horizon: int, num_samples: int, seed: int | None) -> np.ndarray:
+    def sample_paths(self, prompts: list[list[int]], horizon: int, num_samples: int, seed: int | None) -> np.ndarray:
         """Token ids of sampled continuations, shape ``(prompts, num_samples, horizon)``."""
 
 
@@ -124,7 +126,7 @@ class ForecastClient(_VLLMForecasting):
         extra_body.update(params.pop("extra_body", {}))
         return self.openai.completions.create(model=self.model, prompt=prompts, extra_body=extra_body, **params)
 
-    def _next_token_probs(self, prompts):
+    def next_token_probs(self, prompts):
         response = self.complete(prompts, max_tokens=1, logprobs=self.tokenizer.vocab_size)
         choices = sorted(response.choices, key=lambda choice: choice.index)
         # With return_tokens_as_token_ids the keys read "token_id:<id>".
@@ -137,7 +139,7 @@ class ForecastClient(_VLLMForecasting):
             ]
         )
 
-    def _sample_paths(self, prompts, horizon, num_samples, seed):
+    def sample_paths(self, prompts, horizon, num_samples, seed):
         response = self.complete(
             prompts,
             max_tokens=horizon,
@@ -184,7 +186,7 @@ class OfflineForecaster(_VLLMForecasting):
             [TokensPrompt(prompt_token_ids=prompt) for prompt in prompts], sampling_params, use_tqdm=False
         )
 
-    def _next_token_probs(self, prompts):
+    def next_token_probs(self, prompts):
         from vllm import SamplingParams
 
         outputs = self.generate(prompts, SamplingParams(max_tokens=1, logprobs=self.tokenizer.vocab_size))
@@ -195,7 +197,7 @@ class OfflineForecaster(_VLLMForecasting):
             ]
         )
 
-    def _sample_paths(self, prompts, horizon, num_samples, seed):
+    def sample_paths(self, prompts, horizon, num_samples, seed):
         from vllm import SamplingParams
 
         params = SamplingParams(

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import subprocess
+    import os
     from pathlib import Path
 
     from ..serving import server_command, server_environment, usage_instructions
@@ -48,7 +48,5 @@ def run(args) -> int:
         raise SystemExit(f"kvtrade serve: {error}") from None
     model = args.served_model_name or Path(args.checkpoint).name
     print(usage_instructions(args.host, args.port, model, args.api_key), flush=True)
-    try:
-        return subprocess.run(command, env=server_environment(args.max_samples)).returncode
-    except KeyboardInterrupt:
-        return 0
+    # The server replaces this process, so signals (Ctrl-C, SIGTERM) reach vLLM, which stops its engine cleanly.
+    os.execve(command[0], command, server_environment(args.max_samples))

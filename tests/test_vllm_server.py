@@ -1,0 +1,194 @@
+"""`kvtrade serve` end to end: a real vLLM server on 127.0.0.1, called with the `openai` client.
+
+The server is started once for the module through the `kvtrade serve` command itself. Every bad request must get a
+4xx naming what was wrong, and the request after it must still succeed: on the CPU engine one bad token id
+used to kill the server.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from hf_kvtrade import Forecaster, KVTradeForCausalLM
+from hf_kvtrade.presets import load_preset
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key"
+MODEL = "kvtrade-tiny"
+MAX_SAMPLES = 64
+STARTUP_TIMEOUT_S = 600
+
+
+def random_prices(length: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return 100.0 * np.exp(np.cumsum(rng.normal(0.0, 0.01, length)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoint") / MODEL
+    Forecaster(KVTradeForCausalLM(load_preset("tiny"))).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "hf_kvtrade.cli", "serve", str(checkpoint),
+        "--port", str(port), "--api-key", API_KEY, "--max-samples", str(MAX_SAMPLES), "--enforce-eager",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _is_healthy(base_url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1.0)
+    yield {"base_url": base_url, "process": process, "log_path": log_path}
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _is_healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def client(server, checkpoint):
+    from hf_kvtrade.client import ForecastClient
+    from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
+
+    return ForecastClient(
+        f"{server['base_url']}/v1", api_key=API_KEY, tokenizer=ReturnTokenizer.from_pretrained(checkpoint)
+    )
+
+
+@pytest.fixture
+def assert_still_serving(server, client):
+    """Runs after each bad-input test: the server is alive and answers a valid request."""
+    yield
+    assert server["process"].poll() is None, "the server died"
+    forecast = client.predict(random_prices(64, seed=0), horizon=1)
+    assert forecast.distribution.probs.shape == (client.tokenizer.num_bins,)
+
+
+def test_serve_prints_how_to_call_it(server):
+    printed = server["log_path"].read_text()
+    assert f"{server['base_url']}/v1/completions" in printed
+    assert "ForecastClient(" in printed
+
+
+def test_one_step_forecast_matches_transformers(client, checkpoint):
+    prices = random_prices(300, seed=1)
+    served = client.predict(prices, horizon=1)
+    local = Forecaster.from_pretrained(checkpoint).predict(prices, horizon=1)
+    np.testing.assert_allclose(served.distribution.probs, local.distribution.probs, atol=1e-6)
+    np.testing.assert_allclose(served.return_quantiles, local.return_quantiles, atol=1e-7)
+
+
+def test_sampled_forecasts_for_a_batch_of_series(client):
+    series = [random_prices(100, seed=2), random_prices(250, seed=3)]
+    forecasts = client.predict_batch(series, horizon=5, num_samples=32, seed=0)
+    for prices, forecast in zip(series, forecasts):
+        assert forecast.paths.shape == (32, 5)
+        assert np.isfinite(forecast.paths).all(), "a sampled step was a special token, not a return bin"
+        assert forecast.last_price == prices[-1]
+        assert np.all(np.diff(forecast.return_quantiles, axis=1) >= 0)
+
+
+def test_logprobs_of_the_top_tokens(client):
+    prompt = client.encode_context(random_prices(50, seed=4))
+    response = client.complete([prompt], max_tokens=3, logprobs=5, n=2)
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        assert len(choice.token_ids) == 3
+        for top in choice.logprobs.top_logprobs:
+            assert 5 <= len(top) <= 6  # the top 5, plus the sampled token when it is not among them
+            assert all(key.startswith("token_id:") and value <= 0 for key, value in top.items())
+
+
+def test_new_bar_hits_the_prefix_cache(client):
+    prices = random_prices(200, seed=5)
+    first = client.complete([client.encode_context(prices[:-1])], max_tokens=1)
+    second = client.complete([client.encode_context(prices)], max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # 199 cached history tokens: every full 32-token block of it.
+    assert second.usage.prompt_tokens_details.cached_tokens == 199 // 32 * 32
+
+
+BAD_REQUESTS = {
+    "token id above the vocabulary": ({"prompt": [1, 4, 100_000]}, "token id 100000"),
+    "negative token id": ({"prompt": [1, -1]}, "token id -1"),
+    "non-integer token id": ({"prompt": [1, 4.5]}, "token id 4.5"),
+    "bad id in a batch": ({"prompt": [[1, 5], [1, 1_000_000]]}, "prompt[1] holds token id 1000000"),
+    "empty prompt": ({"prompt": []}, "at least one prompt"),
+    "empty prompt in a batch": ({"prompt": [[]]}, "prompt cannot be empty"),
+    "text prompt": ({"prompt": "the price goes up"}, "Tokenizer not available"),
+    "prompt longer than the context": ({"prompt": [1] + [500] * 4096}, "maximum context length is 2048"),
+    "absurd n": ({"prompt": [1, 500], "n": 10**9}, f"limit of {MAX_SAMPLES} samples"),
+    "zero n": ({"prompt": [1, 500], "n": 0}, "n must be at least 1"),
+    "absurd max_tokens": ({"prompt": [1, 500], "max_tokens": 10**12}, "cannot be greater than max_model_len"),
+    "negative max_tokens": ({"prompt": [1, 500], "max_tokens": -5}, "max_tokens must be at least 1"),
+    "too many logprobs": ({"prompt": [1, 500], "logprobs": 100_000}, "greater than max allowed"),
+}
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_gets_400_and_server_keeps_serving(client, assert_still_serving, body, message):
+    body = {"max_tokens": 1, **body}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.openai.completions.create(model=client.model, **body)
+    assert error.value.status_code == 400
+    assert message in error.value.message
+
+
+def test_malformed_json_gets_400(server, assert_still_serving):
+    response = httpx.post(
+        f"{server['base_url']}/v1/completions",
+        content=b'{"model": "kvtrade-tiny", "prompt": [1, 2',
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "JSON decode error" in json.dumps(response.json())
+
+
+@pytest.mark.parametrize("api_key", ["wrong-key", None], ids=["wrong key", "no key"])
+def test_wrong_api_key_gets_401(server, assert_still_serving, api_key):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.post(
+        f"{server['base_url']}/v1/completions",
+        json={"model": MODEL, "prompt": [1, 500], "max_tokens": 1},
+        headers=headers,
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert response.json() == {"error": "Unauthorized"}
