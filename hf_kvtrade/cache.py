@@ -1,0 +1,568 @@
+"""KV cache policies for endless market streams, as Transformers `Cache` subclasses.
+
+Every cache here is a `transformers.Cache` built from one layer object per decoder layer, so it plugs into
+`model(..., past_key_values=cache)` and `model.generate(past_key_values=cache)` unchanged, for MHA, GQA and MQA
+alike. Each reports `nbytes()` (every byte of state it keeps) and `num_tokens_held()`:
+
+- [`FullKVCache`]: the `DynamicCache` every other policy is compared with.
+- [`QuantizedKVCache`]: KIVI-style int8/int4 storage with a full-precision window of the newest tokens.
+- [`SinkKVCache`]: StreamingLLM attention sinks plus a recent window; constant memory over any stream length.
+- [`SelectiveKVCache`]: a token budget with H2O heavy-hitter, recency or hybrid eviction.
+
+All of them follow the Transformers conventions that the masks and `generate` rely on: `get_seq_length()` counts
+tokens *seen*, and `get_mask_sizes(q)` places the K/V that the next `update` returns so that the newest `q` keys sit
+at the absolute positions of the `q` queries. Tokens a policy keeps from further back are all in the past of every
+query, so the causal mask leaves them visible. The caches expect equal-length (unpadded) rows in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
+
+from .modeling_kvtrade import KVTradeRotaryEmbedding, rotate_half
+
+CACHE_POLICIES = ("full", "int8", "int4", "sink", "selective")
+SELECTIVE_POLICIES = ("h2o", "recency", "hybrid")
+
+# Scales and zero points are stored as float16: with float32 they would cost int8 values a quarter of a byte per
+# element on top of the payload, which alone breaks a 0.27x budget. Quantization then uses the float16 values
+# themselves, so the error bound below holds for what is actually stored.
+QUANTIZATION_PARAMETER_DTYPE = torch.float16
+_SMALLEST_NORMAL_FLOAT16 = 2.0**-14
+
+
+def _decoder_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    config = config.get_text_config(decoder=True)
+    other_layer_types = set(config.layer_types or ["full_attention"]) - {"full_attention"}
+    if other_layer_types:
+        raise ValueError(
+            f"the KV cache policies need full-attention layers only, got layer types {sorted(other_layer_types)}; "
+            "build the model without sliding_window to use them"
+        )
+    return config
+
+
+def _round_float16(tensor: torch.Tensor, toward: float) -> torch.Tensor:
+    """``tensor`` as float16, rounded toward ``-inf`` or ``+inf`` instead of to nearest."""
+    rounded = tensor.to(QUANTIZATION_PARAMETER_DTYPE)
+    overshoot = rounded.float() > tensor if toward < 0 else rounded.float() < tensor
+    return torch.where(overshoot, torch.nextafter(rounded, torch.full_like(rounded, toward)), rounded)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Packs codes in ``[0, 15]`` two per byte along the last dimension, which must have even size."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {codes.shape[-1]}")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of [`pack_int4`]."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize(tensor: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max quantization with one (scale, zero point) per slice reduced over ``dim``.
+
+    Returns ``(codes, scale, zero)``: uint8 codes (int4 codes packed two per byte along the last dimension) and
+    float16 ``scale`` and ``zero`` with ``dim`` kept as size 1. The zero point is rounded down and the scale up, so
+    every value dequantizes to within ``scale / 2`` of where it started.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    levels = 2**bits - 1
+    tensor = tensor.float()
+    zero = _round_float16(tensor.amin(dim=dim, keepdim=True), toward=float("-inf"))
+    spread = tensor.amax(dim=dim, keepdim=True) - zero.float()
+    scale = _round_float16((spread / levels).clamp_min(_SMALLEST_NORMAL_FLOAT16), toward=float("inf"))
+    codes = ((tensor - zero.float()) / scale.float()).round().clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        codes = pack_int4(codes)
+    return codes, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of [`quantize`], in float32."""
+    if bits == 4:
+        codes = unpack_int4(codes)
+    return codes.float() * scale.float() + zero.float()
+
+
+class KVPolicyLayer(CacheLayerMixin):
+    """Shared plumbing of the policy layers: seen-token counting, mask sizes, batch reshuffles and byte accounting.
+
+    A subclass names the batch-major tensors it keeps in ``state_names``; everything that reorders, repeats or
+    counts state goes through that list, so new state cannot be forgotten by one of them.
+    """
+
+    is_compileable = False
+    # Evicted or quantized tokens cannot be restored, so assisted decoding must not try to roll the cache back.
+    is_croppable = False
+    state_names: tuple[str, ...] = ("keys", "values")
+
+    def __init__(self):
+        super().__init__()
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        for name in self.state_names:
+            setattr(self, name, self._empty_state(name, key_states))
+        self.is_initialized = True
+
+    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
+        return key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
+
+    def num_tokens_held(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, name).nbytes for name in self.state_names)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.num_tokens_held()
+        return held + query_length, self.cumulative_length - held
+
+    def reset(self) -> None:
+        for name in self.state_names:
+            setattr(self, name, None)
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def _map_state(self, function) -> None:
+        if self.is_initialized:
+            for name in self.state_names:
+                setattr(self, name, function(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_state(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_state(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_state(lambda state: state[indices, ...])
+
+
+class KIVILayer(KVPolicyLayer):
+    """One layer of [`QuantizedKVCache`].
+
+    Keys are quantized per channel over blocks of ``residual_length`` tokens (outlier channels get their own
+    range) and values per token over groups of ``value_group_size`` channels spanning the KV heads, as in KIVI.
+    The newest tokens wait in full precision (``keys``/``values``) until ``residual_length`` of them have
+    gathered, then move into the quantized store as one key block.
+
+    Transformers' own `QuantizedLayer` re-quantizes the whole dequantized cache at every flush (compounding the
+    error) and uses one axis scheme for keys and values, which is why this layer does not build on it.
+    """
+
+    state_names = ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+    def __init__(self, bits: int, residual_length: int, value_group_size: int):
+        super().__init__()
+        self.bits = bits
+        self.residual_length = residual_length
+        self.value_group_size = value_group_size
+
+    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, head_dim = key_states.shape
+        packed_per_byte = 2 if self.bits == 4 else 1
+        shapes = {
+            "key_codes": ((batch, heads, 0, head_dim // packed_per_byte), torch.uint8),
+            "key_scale": ((batch, heads, 0, head_dim), QUANTIZATION_PARAMETER_DTYPE),
+            "key_zero": ((batch, heads, 0, head_dim), QUANTIZATION_PARAMETER_DTYPE),
+            "value_codes": ((batch, 0, self._value_groups(key_states), self.value_group_size // packed_per_byte), torch.uint8),
+            "value_scale": ((batch, 0, self._value_groups(key_states), 1), QUANTIZATION_PARAMETER_DTYPE),
+            "value_zero": ((batch, 0, self._value_groups(key_states), 1), QUANTIZATION_PARAMETER_DTYPE),
+        }
+        if name not in shapes:
+            return super()._empty_state(name, key_states)
+        shape, dtype = shapes[name]
+        return torch.zeros(shape, dtype=dtype, device=key_states.device)
+
+    def _value_groups(self, key_states: torch.Tensor) -> int:
+        return key_states.shape[1] * key_states.shape[-1] // self.value_group_size
+
+    def num_tokens_held(self) -> int:
+        return 0 if not self.is_initialized else self.key_codes.shape[-2] + self.keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys_out = torch.cat([self._dequantized_keys(), self.keys, key_states], dim=-2)
+        values_out = torch.cat([self._dequantized_values(), self.values, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._flush_full_blocks()
+        return keys_out, values_out
+
+    def _flush_full_blocks(self) -> None:
+        num_blocks = self.keys.shape[-2] // self.residual_length
+        if num_blocks == 0:
+            return
+        flushed = num_blocks * self.residual_length
+        batch, heads, _, head_dim = self.keys.shape
+        key_blocks = self.keys[..., :flushed, :].reshape(batch, heads, num_blocks, self.residual_length, head_dim)
+        codes, scale, zero = quantize(key_blocks, self.bits, dim=-2)
+        self.key_codes = torch.cat([self.key_codes, codes.flatten(2, 3)], dim=-2)
+        self.key_scale = torch.cat([self.key_scale, scale.squeeze(-2)], dim=-2)
+        self.key_zero = torch.cat([self.key_zero, zero.squeeze(-2)], dim=-2)
+
+        value_groups = self.values[..., :flushed, :].transpose(1, 2).reshape(batch, flushed, -1, self.value_group_size)
+        codes, scale, zero = quantize(value_groups, self.bits, dim=-1)
+        self.value_codes = torch.cat([self.value_codes, codes], dim=1)
+        self.value_scale = torch.cat([self.value_scale, scale], dim=1)
+        self.value_zero = torch.cat([self.value_zero, zero], dim=1)
+
+        self.keys = self.keys[..., flushed:, :]
+        self.values = self.values[..., flushed:, :]
+
+    def _dequantized_keys(self) -> torch.Tensor:
+        batch, heads, num_tokens, packed_dim = self.key_codes.shape
+        blocks = self.key_codes.reshape(batch, heads, num_tokens // self.residual_length, self.residual_length, packed_dim)
+        keys = dequantize(blocks, self.key_scale.unsqueeze(-2), self.key_zero.unsqueeze(-2), self.bits)
+        return keys.reshape(batch, heads, num_tokens, self.keys.shape[-1]).to(self.dtype)
+
+    def _dequantized_values(self) -> torch.Tensor:
+        batch, num_tokens = self.value_codes.shape[:2]
+        heads, head_dim = self.values.shape[1], self.values.shape[-1]
+        values = dequantize(self.value_codes, self.value_scale, self.value_zero, self.bits)
+        return values.reshape(batch, num_tokens, heads, head_dim).transpose(1, 2).to(self.dtype)
+
+
+class SinkLayer(KVPolicyLayer):
+    """One layer of [`SinkKVCache`]: the first ``num_sink_tokens`` keys and values plus the newest ``window``.
+
+    Sink keys are kept as the model rotated them (at their own positions) and turned forward by the number of
+    evicted tokens whenever they are read, so every query sees them where they would sit in the StreamingLLM
+    layout: right before the window. Rotating from the stored keys each time, rather than step by step, keeps
+    rounding from piling up over a long stream.
+    """
+
+    state_names = ("sink_keys", "sink_values", "keys", "values")
+
+    def __init__(self, num_sink_tokens: int, window: int, rotary_embedding: nn.Module):
+        super().__init__()
+        self.num_sink_tokens = num_sink_tokens
+        self.window = window
+        self.rotary_embedding = rotary_embedding
+
+    def num_tokens_held(self) -> int:
+        return 0 if not self.is_initialized else self.sink_keys.shape[-2] + self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return self.num_sink_tokens + self.window
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        evicted = self.cumulative_length - self.num_tokens_held()
+        keys_out = torch.cat([self._shifted_sink_keys(evicted), self.keys, key_states], dim=-2)
+        values_out = torch.cat([self.sink_values, self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+
+        free_sinks = self.num_sink_tokens - self.sink_keys.shape[-2]
+        if free_sinks > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[..., :free_sinks, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[..., :free_sinks, :]], dim=-2)
+            key_states, value_states = key_states[..., free_sinks:, :], value_states[..., free_sinks:, :]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)[..., -self.window :, :]
+        self.values = torch.cat([self.values, value_states], dim=-2)[..., -self.window :, :]
+        return keys_out, values_out
+
+    def _shifted_sink_keys(self, shift: int) -> torch.Tensor:
+        if shift == 0 or self.sink_keys.shape[-2] == 0:
+            return self.sink_keys
+        position_ids = torch.tensor([[shift]], device=self.sink_keys.device)
+        cos, sin = self.rotary_embedding(self.sink_keys, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return self.sink_keys * cos + rotate_half(self.sink_keys) * sin
+
+
+class SelectiveLayer(KVPolicyLayer):
+    """One layer of [`SelectiveKVCache`]: at most ``budget`` tokens per KV head, always the sink tokens first.
+
+    Kept tokens stay in stream order, each KV head choosing its own. ``scores`` holds the attention each kept
+    token has received so far, summed over queries and over the query heads that share the KV head.
+    """
+
+    def __init__(self, budget: int, policy: str, num_sink_tokens: int):
+        super().__init__()
+        self.budget = budget
+        self.policy = policy
+        self.num_sink_tokens = num_sink_tokens
+        self.uses_attention = policy != "recency"
+        if self.uses_attention:
+            self.state_names = ("keys", "values", "scores")
+        self.awaiting_attention = False
+
+    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
+        if name == "scores":
+            return torch.zeros((*key_states.shape[:2], 0), dtype=torch.float32, device=key_states.device)
+        return super()._empty_state(name, key_states)
+
+    def get_max_length(self) -> int:
+        return self.budget
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"selective policy {self.policy!r} ranks tokens by the attention they receive, but the last forward "
+                "pass reported none: call hf_kvtrade.cache.track_attention(model) once and run the model with "
+                "attn_implementation='eager'"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.uses_attention:
+            new_scores = self.scores.new_zeros((*key_states.shape[:2], key_states.shape[-2]))
+            self.scores = torch.cat([self.scores, new_scores], dim=-1)
+            self.awaiting_attention = True
+            return self.keys, self.values
+        keys_out, values_out = self.keys, self.values
+        self._evict()
+        return keys_out, values_out
+
+    def observe_attention(self, attn_weights: torch.Tensor | None) -> None:
+        """Adds the attention weights of the forward pass that just used this layer, then evicts to the budget."""
+        if attn_weights is None:
+            raise ValueError(
+                f"selective policy {self.policy!r} needs attention weights, which only eager attention returns: "
+                "load or set the model with attn_implementation='eager'"
+            )
+        batch, kv_heads, held = self.scores.shape
+        received = attn_weights.float().sum(dim=2).reshape(batch, kv_heads, -1, held).sum(dim=2)
+        self.scores = self.scores + received
+        self.awaiting_attention = False
+        self._evict()
+
+    def _evict(self) -> None:
+        held = self.keys.shape[-2]
+        if held <= self.budget:
+            return
+        sinks, free = self.num_sink_tokens, self.budget - self.num_sink_tokens
+        batch, kv_heads = self.keys.shape[:2]
+        recent = {"recency": free, "h2o": 0, "hybrid": free // 2}[self.policy]
+        heavy = free - recent
+        parts = [torch.arange(sinks, device=self.keys.device).expand(batch, kv_heads, sinks)]
+        if heavy:
+            candidates = self.scores[..., sinks : held - recent]
+            parts.append(candidates.topk(heavy, dim=-1).indices.sort(dim=-1).values + sinks)
+        parts.append(torch.arange(held - recent, held, device=self.keys.device).expand(batch, kv_heads, recent))
+        kept = torch.cat(parts, dim=-1)
+        token_index = kept.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, token_index)
+        self.values = self.values.gather(2, token_index)
+        if self.uses_attention:
+            self.scores = self.scores.gather(2, kept)
+
+
+class KVPolicyCache(Cache):
+    """A `Cache` of [`KVPolicyLayer`]s, one per decoder layer, with the byte and token accounting of its layers."""
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache keeps: payload, scales, zero points, scores."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def num_tokens_held(self) -> int:
+        """Tokens the cache holds per layer and KV head (the most any layer holds)."""
+        return max(layer.num_tokens_held() for layer in self.layers)
+
+
+class FullKVCache(DynamicCache):
+    """The full-precision `DynamicCache`, with the accounting of the other policies for side-by-side comparisons."""
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config=_decoder_config(config))
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+    def num_tokens_held(self) -> int:
+        return self.get_seq_length()
+
+
+class QuantizedKVCache(KVPolicyCache):
+    """KIVI-style quantized KV cache in pure torch: int8, or int4 packed two values per byte.
+
+    Args:
+        config: the model config.
+        bits (`int`): 8 or 4.
+        residual_length (`int`): the newest tokens kept in full precision; keys are quantized in blocks of this
+            many tokens, per channel.
+        value_group_size (`int`): values are quantized per token in groups of this many channels, taken across
+            the KV heads of the token. Capped at ``num_key_value_heads * head_dim``.
+
+    ```python
+    >>> cache = QuantizedKVCache(model.config, bits=4)
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=16)
+    ```"""
+
+    def __init__(self, config: PreTrainedConfig, bits: int = 8, residual_length: int = 128, value_group_size: int = 64):
+        config = _decoder_config(config)
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if residual_length < 1:
+            raise ValueError(f"residual_length must be at least 1, got {residual_length}")
+        channels = config.num_key_value_heads * config.head_dim
+        value_group_size = min(value_group_size, channels)
+        if value_group_size < 2 or value_group_size % 2 or channels % value_group_size:
+            raise ValueError(
+                f"value_group_size ({value_group_size}) must be even and divide num_key_value_heads * head_dim "
+                f"({channels})"
+            )
+        self.bits = bits
+        super().__init__(
+            layers=[KIVILayer(bits, residual_length, value_group_size) for _ in range(config.num_hidden_layers)]
+        )
+
+
+class SinkKVCache(KVPolicyCache):
+    """StreamingLLM attention-sink cache: keeps the first ``num_sink_tokens`` tokens and the newest ``window``.
+
+    Memory is constant once ``num_sink_tokens + window`` tokens have been seen. Each query attends to the sinks,
+    the window and itself.
+
+    Positions: pass the default position ids (the count of tokens seen, which `generate` also uses). RoPE scores
+    depend only on query position minus key position, so the cache turns the sink keys forward by the number of
+    evicted tokens; every query then sees the sinks at the distances of the StreamingLLM layout (sinks directly
+    before the window) and the window at its true distances. No query-key distance ever exceeds
+    ``num_sink_tokens + window``, the range the model must have been trained on, however long the stream.
+
+    A multi-token update (a prefill, or a chunk of ticks) attends to everything kept plus the whole chunk, as the
+    removed Transformers `SinkCache` did; feed one tick at a time for exact StreamingLLM behaviour.
+
+    ```python
+    >>> cache = SinkKVCache(model.config, num_sink_tokens=4, window=1020)
+    >>> for tick in stream:
+    ...     logits = model(tick.view(1, 1), past_key_values=cache).logits
+    ```"""
+
+    def __init__(self, config: PreTrainedConfig, num_sink_tokens: int = 4, window: int = 1020):
+        config = _decoder_config(config)
+        if num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        rotary_embedding = KVTradeRotaryEmbedding(config)
+        rope_type = config.rope_parameters["rope_type"]
+        if "dynamic" in rope_type or rotary_embedding.attention_scaling != 1.0:
+            raise ValueError(
+                f"SinkKVCache re-rotates keys by position differences, which rope_type {rope_type!r} does not allow"
+            )
+        self.num_sink_tokens = num_sink_tokens
+        self.window = window
+        super().__init__(
+            layers=[SinkLayer(num_sink_tokens, window, rotary_embedding) for _ in range(config.num_hidden_layers)]
+        )
+
+
+class SelectiveKVCache(KVPolicyCache):
+    """A KV cache that never holds more than ``budget`` tokens per KV head, always keeping the sink tokens.
+
+    Policies for the tokens beyond the sinks:
+
+    - ``"h2o"``: the heavy hitters, the tokens that have received the most attention so far (H2O).
+    - ``"recency"``: the newest tokens.
+    - ``"hybrid"``: half the newest tokens, half heavy hitters among the older ones (H2O's own recipe).
+
+    Attention received is measured, not approximated: eager attention returns the weights of every forward pass,
+    and [`track_attention`] hooks the attention modules once to hand them to whichever `SelectiveKVCache` the
+    pass used. The cache evicts right after each layer's attention, so the budget holds between forward passes.
+    ``"recency"`` needs neither the hooks nor eager attention.
+
+    Kept keys keep their original rotation, so a heavy hitter from far back is seen at its true distance.
+
+    ```python
+    >>> model.set_attn_implementation("eager")
+    >>> track_attention(model)
+    >>> cache = SelectiveKVCache(model.config, budget=512, policy="hybrid")
+    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=16)
+    ```"""
+
+    def __init__(self, config: PreTrainedConfig, budget: int = 1024, policy: str = "hybrid", num_sink_tokens: int = 4):
+        config = _decoder_config(config)
+        if policy not in SELECTIVE_POLICIES:
+            raise ValueError(f"policy must be one of {SELECTIVE_POLICIES}, got {policy!r}")
+        if num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
+        if budget <= num_sink_tokens:
+            raise ValueError(f"budget ({budget}) must exceed num_sink_tokens ({num_sink_tokens})")
+        self.budget = budget
+        self.policy = policy
+        self.num_sink_tokens = num_sink_tokens
+        super().__init__(
+            layers=[SelectiveLayer(budget, policy, num_sink_tokens) for _ in range(config.num_hidden_layers)]
+        )
+
+
+def _route_attention_weights(module: nn.Module, args, kwargs, output) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, SelectiveKVCache) and cache.layers[module.layer_idx].uses_attention:
+        cache.layers[module.layer_idx].observe_attention(output[1])
+
+
+def track_attention(model: nn.Module) -> nn.Module:
+    """Hooks every attention module of ``model`` so a [`SelectiveKVCache`] in use receives the attention weights.
+
+    Idempotent. The hooks do nothing for other caches, so the model stays usable with any of them.
+    """
+    if getattr(model, "_kv_attention_tracked", False):
+        return model
+    attention_modules = [
+        module for name, module in model.named_modules() if name.endswith("self_attn") and hasattr(module, "layer_idx")
+    ]
+    if not attention_modules:
+        raise ValueError(f"found no `self_attn` modules with a `layer_idx` in {type(model).__name__}")
+    for module in attention_modules:
+        module.register_forward_hook(_route_attention_weights, with_kwargs=True)
+    model._kv_attention_tracked = True
+    return model
+
+
+def build_cache(config: PreTrainedConfig, policy: str, /, **kwargs) -> Cache:
+    """The cache for ``policy`` in ``CACHE_POLICIES``; ``kwargs`` go to its class (e.g. ``budget=512``).
+
+    ``policy`` is positional-only, so ``build_cache(config, "selective", policy="h2o")`` picks the eviction policy.
+    """
+    if policy == "full":
+        return FullKVCache(config, **kwargs)
+    if policy in ("int8", "int4"):
+        return QuantizedKVCache(config, bits=int(policy[3:]), **kwargs)
+    if policy == "sink":
+        return SinkKVCache(config, **kwargs)
+    if policy == "selective":
+        return SelectiveKVCache(config, **kwargs)
+    raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+
+
+__all__ = [
+    "CACHE_POLICIES",
+    "SELECTIVE_POLICIES",
+    "FullKVCache",
+    "KVPolicyCache",
+    "QuantizedKVCache",
+    "SelectiveKVCache",
+    "SinkKVCache",
+    "build_cache",
+    "dequantize",
+    "pack_int4",
+    "quantize",
+    "track_attention",
+    "unpack_int4",
+]
