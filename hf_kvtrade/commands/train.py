@@ -1,0 +1,92 @@
+"""`kvtrade train`: trains a preset on bundled and/or user price series with the Transformers Trainer."""
+
+from __future__ import annotations
+
+import shlex
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model on price series and save a checkpoint")
+    parser.add_argument("--preset", default="small", help="config preset: tiny, small, base or a JSON path (default: %(default)s)")
+    parser.add_argument("--attention", default="gqa", choices=("mha", "gqa", "mqa"), help="attention flavour (default: %(default)s)")
+    parser.add_argument("--kv-heads", type=int, help="number of KV heads (overrides --attention)")
+    parser.add_argument("--series", default="all", help="comma-separated bundled series, or 'all' (default: %(default)s)")
+    parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
+                        help="a CSV or Parquet OHLCV file with 'timestamp' and 'close' columns (repeatable)")
+    parser.add_argument("--output-dir", default="checkpoints/kvtrade-small")
+    parser.add_argument("--context-length", type=int, default=512, help="tokens per training window (default: %(default)s)")
+    parser.add_argument("--train-stride", type=int, help="start a training window every N bars (default: the context length)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the saved folder to this Hub repository")
+    parser.set_defaults(func=run)  # fmt: skip
+
+
+def reproducible_command(args) -> str:
+    """The command line with every training option spelled out, as recorded in the model card."""
+    words = [
+        "kvtrade", "train",
+        "--preset", args.preset, "--attention", args.attention,
+        *(["--kv-heads", str(args.kv_heads)] if args.kv_heads is not None else []),
+        "--series", args.series,
+        *[word for path in args.data_file for word in ("--data-file", path)],
+        "--output-dir", args.output_dir,
+        "--context-length", str(args.context_length),
+        *(["--train-stride", str(args.train_stride)] if args.train_stride is not None else []),
+        "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
+        "--learning-rate", str(args.learning_rate), "--weight-decay", str(args.weight_decay),
+        "--eval-steps", str(args.eval_steps), "--seed", str(args.seed),
+    ]  # fmt: skip
+    return shlex.join(words)
+
+
+def select_frames(series: str, data_files: list[str]) -> tuple[dict, list[dict]]:
+    """Price frames by name, with a description of each source for the model card."""
+    from pathlib import Path
+
+    from ..data import bundled_series_names, load_series, read_ohlcv, series_metadata
+
+    names = [] if series == "none" else bundled_series_names() if series == "all" else series.split(",")
+    frames = {name: load_series(name) for name in names}
+    sources = [series_metadata(name) for name in names]
+    for path in data_files:
+        frame = read_ohlcv(path)
+        frames[Path(path).name] = frame
+        sources.append({
+            "name": Path(path).name, "description": "user file", "package": "-", "frequency": "-",
+            "start": frame.index[0].isoformat(), "end": frame.index[-1].isoformat(),
+        })  # fmt: skip
+    return frames, sources
+
+
+def run(args) -> int:
+    from ..presets import load_preset
+    from ..training import push_to_hub, train, write_model_card
+
+    config = load_preset(args.preset, attention=args.attention, kv_heads=args.kv_heads)
+    frames, sources = select_frames(args.series, args.data_file)
+    result = train(
+        config,
+        frames,
+        args.output_dir,
+        window_length=args.context_length,
+        train_stride=args.train_stride,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        eval_steps=args.eval_steps,
+        seed=args.seed,
+    )
+    write_model_card(result, reproducible_command(args), sources)
+    print(
+        f"validation loss {result.initial_validation_loss:.4f} -> {result.validation_loss:.4f} "
+        f"(best step {result.best_step}) in {result.train_seconds / 60:.1f} min; saved to {result.output_dir}"
+    )
+    if args.push_to_hub:
+        print(f"pushed: {push_to_hub(args.output_dir, args.push_to_hub)}")
+    return 0

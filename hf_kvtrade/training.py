@@ -1,0 +1,228 @@
+"""Training a KVTrade model on price series with `transformers.Trainer`, and publishing the result.
+
+The Trainer (accelerate underneath) does the loop, so the same code runs on one CPU, one GPU or many: launch
+``kvtrade train`` with ``accelerate launch -m hf_kvtrade.cli train ...`` for data-parallel training (see
+docs/data.md). The loss is the model's own next-token cross-entropy over return bins.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .configuration_kvtrade import KVTradeConfig
+from .data.windows import PERIOD_FRACTIONS, split_periods, token_windows
+from .tokenization_kvtrade import ReturnTokenizer
+
+
+@dataclass
+class TrainingRun:
+    """What a finished run reports: losses (nats per bar), timings and what it was trained on."""
+
+    output_dir: str
+    initial_validation_loss: float
+    validation_loss: float
+    best_step: int | None
+    train_seconds: float
+    train_cpu_seconds: float
+    window_length: int
+    num_parameters: int
+    num_train_windows: int
+    num_train_tokens: int
+    periods: list[dict] = field(default_factory=list)
+    log_history: list[dict] = field(default_factory=list, repr=False)
+
+
+def describe_periods(frames: dict[str, pd.DataFrame], fractions=PERIOD_FRACTIONS) -> list[dict]:
+    """First and last timestamp and bar count of every series' train/validation/test period."""
+    rows = []
+    for name, frame in frames.items():
+        row = {"series": name}
+        for period, part in zip(("train", "validation", "test"), split_periods(frame, fractions)):
+            row[period] = {"start": part.index[0].isoformat(), "end": part.index[-1].isoformat(), "bars": len(part)}
+        rows.append(row)
+    return rows
+
+
+def train(
+    config: KVTradeConfig,
+    frames: dict[str, pd.DataFrame],
+    output_dir: str | os.PathLike,
+    window_length: int = 512,
+    train_stride: int | None = None,
+    batch_size: int = 8,
+    max_steps: int = 1000,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup: float = 0.05,
+    eval_steps: int = 100,
+    seed: int = 0,
+    logging_steps: int = 10,
+    use_cpu: bool = True,
+) -> TrainingRun:
+    """Trains a fresh model of ``config`` on ``frames`` and saves it with its tokenizer to ``output_dir``.
+
+    The validation loss is measured every ``eval_steps`` steps and the best weights are the ones kept
+    (``load_best_model_at_end``), so a run longer than the data supports does not ship an overfitted model.
+    """
+    import torch
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+    from .forecasting import Forecaster
+    from .modeling_kvtrade import KVTradeForCausalLM
+
+    if not frames:
+        raise ValueError("no training data: pass at least one price series")
+    set_seed(seed)
+    tokenizer = ReturnTokenizer.from_config(config)
+    windows = token_windows(frames, tokenizer, window_length, train_stride=train_stride)
+    windows = windows.remove_columns(["series", "start"]).with_format("torch")
+    model = KVTradeForCausalLM(config)
+
+    with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=warmup,
+            weight_decay=weight_decay,
+            max_grad_norm=1.0,
+            eval_strategy="steps",
+            eval_steps=eval_steps,
+            save_strategy="steps",
+            save_steps=eval_steps,
+            save_total_limit=1,
+            save_only_model=True,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            logging_steps=logging_steps,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=use_cpu,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=arguments,
+            train_dataset=windows["train"],
+            eval_dataset=windows["validation"],
+            data_collator=default_data_collator,
+        )
+        initial_loss = trainer.evaluate()["eval_loss"]
+        started, started_cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+        best_checkpoint = trainer.state.best_model_checkpoint
+
+    model = trainer.model
+    # The Trainer switches the cache off for training; inference and vLLM want it on.
+    model.config.use_cache = True
+    # RoPE positions beyond the training windows were never seen; readers of the checkpoint need this length.
+    model.config.training_context_length = window_length
+    model.generation_config.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    Forecaster(model, tokenizer).save_pretrained(output_dir)
+    train_labels = torch.as_tensor(np.asarray(windows["train"]["labels"]))
+    return TrainingRun(
+        output_dir=str(output_dir),
+        initial_validation_loss=float(initial_loss),
+        validation_loss=float(trainer.state.best_metric),
+        best_step=int(Path(best_checkpoint).name.split("-")[-1]) if best_checkpoint else None,
+        train_seconds=train_seconds,
+        train_cpu_seconds=train_cpu_seconds,
+        window_length=window_length,
+        num_parameters=model.num_parameters(),
+        num_train_windows=windows["train"].num_rows,
+        num_train_tokens=int((train_labels >= 0).sum()),
+        periods=describe_periods(frames),
+        log_history=trainer.state.log_history,
+    )
+
+
+def write_model_card(
+    run: TrainingRun,
+    command: str,
+    sources: list[dict],
+    evaluation: dict | None = None,
+) -> Path:
+    """README.md of the checkpoint (a `huggingface_hub.ModelCard`): data, periods, the exact command, metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="time-series-forecasting",
+        tags=["kvtrade", "finance", "time-series", "custom_code"],
+        model_name=Path(run.output_dir).name,
+    )
+    periods = {row["series"]: row for row in run.periods}
+    source_rows = "\n".join(
+        f"| {source['name']} | {source['description']} | `{source['package']}` {source.get('package_version', '')} "
+        f"| {source['frequency']} | {source['start'][:10]} .. {source['end'][:10]} | "
+        f"{periods[source['name']]['train']['end'][:10]} | {periods[source['name']]['test']['start'][:10]} |"
+        for source in sources
+    )
+    lines = [
+        f"---\n{card_data.to_yaml()}\n---",
+        f"# {Path(run.output_dir).name}",
+        "A decoder-only transformer (Llama layout, grouped-query attention) over log-return tokens of price "
+        "series, from the hf-kvtrade project. Its next-token distribution is a forecast of the next "
+        "bar's log-return: load it with `hf_kvtrade.Forecaster.from_pretrained(path)`, or with "
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.",
+        "## Training command",
+        f"```bash\n{command}\n```",
+        f"{run.num_parameters:,} parameters, trained on windows of {run.window_length} tokens (feed it at most "
+        f"that many bars of context); {run.num_train_windows} training windows ({run.num_train_tokens:,} scored "
+        f"tokens). Training took {run.train_seconds / 60:.1f} minutes of wall time and "
+        f"{run.train_cpu_seconds / 60:.1f} minutes of CPU time (all threads).",
+        "## Data",
+        "Real series shipped inside PyPI wheels, read offline (see docs/data.md). Every series is split by time: "
+        f"the first {PERIOD_FRACTIONS[0]:.0%} of its bars train, the next {PERIOD_FRACTIONS[1]:.0%} validate, the "
+        f"final {PERIOD_FRACTIONS[2]:.0%} are held out for testing. Windows never straddle a split.",
+        "| series | description | source | frequency | range | train ends | test starts |",
+        "|---|---|---|---|---|---|---|",
+        source_rows,
+        "## Metrics",
+        f"Validation cross-entropy (nats per bar): {run.initial_validation_loss:.4f} at initialisation, "
+        f"{run.validation_loss:.4f} after training (best step: {run.best_step}).",
+    ]
+    if evaluation is not None:
+        lines.append(evaluation_table(evaluation))
+    card = ModelCard("\n\n".join(lines) + "\n")
+    path = Path(run.output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def evaluation_table(evaluation: dict) -> str:
+    rows = "\n".join(
+        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
+        f"| {m['direction_acc']:.3f} |"
+        for name, m in evaluation["models"].items()
+    )
+    return (
+        f"Test period ({evaluation['num_bars']} bars, `kvtrade evaluate`):\n\n"
+        "| model | NLL | CRPS | cov. 50% | cov. 90% | direction |\n|---|---|---|---|---|---|\n" + rows
+    )
+
+
+def push_to_hub(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Uploads a saved checkpoint folder with the standard Hub client; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, commit_message="Upload KVTrade checkpoint")
+    return str(commit)
