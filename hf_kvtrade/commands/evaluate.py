@@ -1,0 +1,38 @@
+"""`kvtrade evaluate`: the model against random-walk, GARCH(1,1)-t and unconditional baselines on held-out bars."""
+
+from __future__ import annotations
+
+DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="score next-bar forecasts against baselines on the test period")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--series", default="all", help="comma-separated bundled series, or 'all' (default: %(default)s)")
+    parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
+                        help="also evaluate on the final period of this CSV/Parquet OHLCV file (repeatable)")
+    parser.add_argument("--context-length", type=int,
+                        help="bars of context per forecast (default: the checkpoint's training window length)")
+    parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    parser.set_defaults(func=run)  # fmt: skip
+
+
+def run(args) -> int:
+    import json
+
+    from ..evaluation import evaluate, format_table
+    from ..forecasting import Forecaster
+    from .train import select_frames
+
+    forecaster = Forecaster.from_pretrained(args.checkpoint)
+    config = forecaster.model.config
+    context_length = args.context_length or getattr(config, "training_context_length", config.max_position_embeddings)
+    frames, _ = select_frames(args.series, args.data_file)
+    results = evaluate(frames, forecaster.model, forecaster.tokenizer, context_length=context_length)
+    results["checkpoint"] = args.checkpoint
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

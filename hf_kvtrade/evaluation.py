@@ -1,0 +1,225 @@
+"""Honest next-bar forecast evaluation: the model and three baselines scored by the same code on held-out bars.
+
+Every model yields, for each test bar, a predictive distribution of the bar's close-to-close log-return with the
+methods ``log_density``, ``crps``, ``quantile`` and ``prob_up``: the model a :class:`BinnedDistribution`, the
+baselines :class:`GaussianForecast` or :class:`StudentTForecast`. :func:`score` turns any of them into metrics.
+
+Baselines (all fitted on the bars before the test period, i.e. the training and validation periods):
+
+- ``random_walk``: Gaussian with the pre-test mean return and the standard deviation of the previous
+  ``volatility_window`` returns.
+- ``garch_t``: GARCH(1,1) with Student-t errors and a constant mean from ``arch``, fitted once on the pre-test
+  returns (in percent, as ``arch`` recommends); its parameters are then held fixed while the conditional
+  volatility is filtered through the test period, so each forecast uses only earlier returns.
+- ``unconditional``: a Student-t fitted by maximum likelihood to the pre-test returns, the same for every bar.
+
+The model reads a sliding context of its training length: one forward pass over a window gives the next-bar
+distribution at every position, and only positions with at least half a window of context are scored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import special, stats
+
+from .data.windows import split_periods, tokenize_period
+from .distribution import BinnedDistribution
+
+MODEL_NAMES = ("kvtrade", "random_walk", "garch_t", "unconditional")
+METRICS = ("nll", "crps", "coverage_50", "coverage_90", "direction_acc")
+INTERVAL_LEVELS = (0.05, 0.25, 0.75, 0.95)
+
+
+@dataclass
+class GaussianForecast:
+    """Normal next-bar returns with per-bar ``mean`` and ``std``."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def log_density(self, x) -> np.ndarray:
+        return stats.norm.logpdf(x, self.mean, self.std)
+
+    def crps(self, x) -> np.ndarray:
+        # Closed form (Gneiting & Raftery 2007): sigma * [z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)].
+        z = (np.asarray(x) - self.mean) / self.std
+        return self.std * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / np.sqrt(np.pi))
+
+    def quantile(self, levels) -> np.ndarray:
+        return stats.norm.ppf(np.asarray(levels), np.asarray(self.mean)[..., None], np.asarray(self.std)[..., None])
+
+    def prob_up(self) -> np.ndarray:
+        return stats.norm.sf(0.0, self.mean, self.std)
+
+
+@dataclass
+class StudentTForecast:
+    """Student-t next-bar returns with location ``loc``, scale ``scale`` (not the std) and ``df`` > 1."""
+
+    loc: np.ndarray
+    scale: np.ndarray
+    df: float
+
+    def log_density(self, x) -> np.ndarray:
+        return stats.t.logpdf(x, self.df, self.loc, self.scale)
+
+    def crps(self, x) -> np.ndarray:
+        # Closed form for the location-scale t (Thorarinsdottir & Gneiting 2010), valid for df > 1.
+        nu = self.df
+        z = (np.asarray(x) - self.loc) / self.scale
+        tail = 2 * np.sqrt(nu) * special.beta(0.5, nu - 0.5) / ((nu - 1) * special.beta(0.5, nu / 2) ** 2)
+        body = z * (2 * stats.t.cdf(z, nu) - 1) + 2 * stats.t.pdf(z, nu) * (nu + z**2) / (nu - 1)
+        return self.scale * (body - tail)
+
+    def quantile(self, levels) -> np.ndarray:
+        loc, scale = np.asarray(self.loc)[..., None], np.asarray(self.scale)[..., None]
+        return stats.t.ppf(np.asarray(levels), self.df, loc, scale)
+
+    def prob_up(self) -> np.ndarray:
+        return stats.t.sf(0.0, self.df, self.loc, self.scale)
+
+
+def score(forecast, returns: np.ndarray) -> dict:
+    """Per-bar means of the metrics for one model's forecasts of the observed log-``returns``.
+
+    ``nll`` is the negative log-density of the return (nats per bar; lower is better), ``crps`` in log-return
+    units, ``coverage_50``/``coverage_90`` the share of returns inside the central 50%/90% intervals, and
+    ``direction_acc`` the share of bars where ``prob_up > 0.5`` agrees with ``return > 0``.
+    """
+    return _means(per_bar_scores(forecast, np.asarray(returns, dtype=np.float64)))
+
+
+# ------------------------------------------------------------------------------------------------- baselines
+def random_walk_forecast(returns: np.ndarray, test_start: int, volatility_window: int = 20) -> GaussianForecast:
+    """Forecasts for ``returns[test_start:]``, each from the ``volatility_window`` returns before it."""
+    if test_start < volatility_window:
+        raise ValueError(f"need {volatility_window} returns before the test period, got {test_start}")
+    rolling_std = pd.Series(returns).rolling(volatility_window).std().shift(1).to_numpy()[test_start:]
+    # Flat stretches (a price that did not move for a whole window) would give a zero-width distribution.
+    floor = np.std(returns[:test_start]) * 1e-2
+    mean = np.full(len(returns) - test_start, np.mean(returns[:test_start]))
+    return GaussianForecast(mean=mean, std=np.maximum(rolling_std, floor))
+
+
+def garch_t_forecast(returns: np.ndarray, test_start: int) -> StudentTForecast:
+    """GARCH(1,1)-t fitted on ``returns[:test_start]``, filtered with fixed parameters through the rest."""
+    from arch import arch_model
+
+    percent = 100.0 * returns
+    specification = dict(mean="Constant", vol="GARCH", p=1, q=1, dist="t", rescale=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter; a failed fit shows up in the scores
+        fitted = arch_model(percent[:test_start], **specification).fit(disp="off")
+    filtered = arch_model(percent, **specification).fix(fitted.params)
+    nu = float(fitted.params["nu"])
+    # arch's t has unit variance: its scale parameter is std * sqrt((nu - 2) / nu).
+    std = filtered.conditional_volatility[test_start:] / 100.0
+    loc = np.full(len(std), fitted.params["mu"] / 100.0)
+    return StudentTForecast(loc=loc, scale=std * np.sqrt((nu - 2) / nu), df=nu)
+
+
+def unconditional_forecast(returns: np.ndarray, test_start: int) -> StudentTForecast:
+    df, loc, scale = stats.t.fit(returns[:test_start])
+    count = len(returns) - test_start
+    return StudentTForecast(loc=np.full(count, loc), scale=np.full(count, scale), df=max(df, 1.01))
+
+
+# ------------------------------------------------------------------------------------------------- the model
+def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context_length: int, batch_size: int = 16):
+    """``BinnedDistribution`` of ``ids[k]`` for every ``k >= first_target``, KV-cache free and batched.
+
+    Windows of ``context_length`` tokens advance by half a window; each scores the tokens in its second half,
+    so every target sees between half a window and a whole window of context.
+    """
+    import torch
+
+    stride = max(context_length // 2, 1)
+    chunks = [(start, min(start + stride, len(ids))) for start in range(first_target, len(ids), stride)]
+    probs = np.empty((len(ids) - first_target, tokenizer.num_bins))
+    windows = [(max(0, end - 1 - context_length), start, end) for start, end in chunks]
+    # Windows of equal length batch together; only those near the series start are shorter.
+    for length in sorted({end - 1 - first for first, _, end in windows}):
+        group = [window for window in windows if window[2] - 1 - window[0] == length]
+        for batch_start in range(0, len(group), batch_size):
+            batch = group[batch_start : batch_start + batch_size]
+            input_ids = torch.as_tensor(np.stack([ids[first : end - 1] for first, _, end in batch]))
+            with torch.inference_mode():
+                logits = model(input_ids=input_ids).logits.float()
+            token_probs = torch.softmax(logits, dim=-1)[..., tokenizer.first_bin_id :].numpy()
+            for row, (first, start, end) in enumerate(batch):
+                probs[start - first_target : end - first_target] = token_probs[row, start - first - 1 : end - first - 1]
+    return BinnedDistribution(probs, tokenizer.bin_edges)
+
+
+def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, context_length: int = 256, volatility_window: int = 20):
+    """Metrics of every model on the test period of one series, plus the raw returns (for pooling).
+
+    Targets are the returns that end on a test-period bar; every forecast conditions on earlier bars only
+    (context may reach back into the training and validation periods: that is the past, not look-ahead).
+    """
+    _, _, test = split_periods(frame)
+    closes = frame["close"].to_numpy()
+    returns = np.diff(np.log(closes))
+    # returns[k] ends on bar k + 1, so the first test bar's return has index len(frame) - len(test) - 1.
+    test_start = len(frame) - len(test) - 1
+    target = returns[test_start:]
+    forecasts = {
+        "random_walk": random_walk_forecast(returns, test_start, volatility_window),
+        "garch_t": garch_t_forecast(returns, test_start),
+        "unconditional": unconditional_forecast(returns, test_start),
+    }
+    if model is not None:
+        ids = tokenize_period(frame, tokenizer)  # ids[k + 1] is the token of returns[k]
+        forecasts = {"kvtrade": model_forecast(model, tokenizer, ids, test_start + 1, context_length), **forecasts}
+    return {name: per_bar_scores(forecast, target) for name, forecast in forecasts.items()}, target
+
+
+def per_bar_scores(forecast, returns: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-bar terms whose means are :func:`score`'s metrics, so series can be pooled bar by bar."""
+    q05, q25, q75, q95 = np.moveaxis(forecast.quantile(INTERVAL_LEVELS), -1, 0)
+    return {
+        "nll": -forecast.log_density(returns),
+        "crps": forecast.crps(returns),
+        "coverage_50": (returns >= q25) & (returns <= q75),
+        "coverage_90": (returns >= q05) & (returns <= q95),
+        "direction_acc": (forecast.prob_up() > 0.5) == (returns > 0),
+    }
+
+
+def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None, context_length: int = 256) -> dict:
+    """Pooled (every test bar of every series weighs the same) and per-series metrics, as a JSON-ready dict."""
+    pooled: dict[str, dict[str, list]] = {}
+    per_series = {}
+    for name, frame in frames.items():
+        bars, target = evaluate_series(frame, model, tokenizer, context_length)
+        per_series[name] = {
+            "num_bars": len(target),
+            "models": {model_name: _means(terms) for model_name, terms in bars.items()},
+        }
+        for model_name, terms in bars.items():
+            for metric, values in terms.items():
+                pooled.setdefault(model_name, {}).setdefault(metric, []).append(values)
+    models = {name: _means({metric: np.concatenate(parts) for metric, parts in terms.items()}) for name, terms in pooled.items()}
+    return {
+        "num_bars": sum(entry["num_bars"] for entry in per_series.values()),
+        "context_length": context_length,
+        "models": models,
+        "series": per_series,
+    }
+
+
+def _means(terms: dict[str, np.ndarray]) -> dict[str, float]:
+    return {metric: float(np.mean(values)) for metric, values in terms.items()}
+
+
+def format_table(results: dict) -> str:
+    header = f"{'model':<14}" + "".join(f"{metric:>14}" for metric in METRICS)
+    rows = [
+        f"{name:<14}" + "".join(f"{metrics[metric]:>14.6f}" for metric in METRICS)
+        for name, metrics in results["models"].items()
+    ]
+    return "\n".join([f"test period: {results['num_bars']} bars", header, *rows])

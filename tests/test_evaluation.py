@@ -1,0 +1,119 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import integrate, stats
+
+from hf_kvtrade import BinnedDistribution, Forecaster, KVTradeForCausalLM, ReturnTokenizer
+from hf_kvtrade.data import tokenize_period
+from hf_kvtrade.evaluation import (
+    METRICS,
+    MODEL_NAMES,
+    GaussianForecast,
+    StudentTForecast,
+    evaluate,
+    evaluate_series,
+    format_table,
+    model_forecast,
+    score,
+)
+from hf_kvtrade.presets import load_preset
+
+DF, SCALE = 4.0, 0.01
+
+
+def student_t_returns(size, seed=0):
+    return stats.t.rvs(DF, scale=SCALE, size=size, random_state=np.random.default_rng(seed))
+
+
+def student_t_prices(size, seed=0):
+    index = pd.date_range("2000-01-03", periods=size, freq="D", tz="UTC")
+    prices = 100 * np.exp(np.concatenate([[0.0], np.cumsum(student_t_returns(size - 1, seed))]))
+    return pd.DataFrame({"close": prices}, index=index)
+
+
+TRUE_NLL = stats.t.entropy(DF, scale=SCALE)  # expected -log density of the true distribution
+
+
+def test_gaussian_crps_closed_form_matches_the_integral():
+    forecast = GaussianForecast(mean=np.array([0.001]), std=np.array([0.02]))
+    for x in (-0.05, 0.0, 0.013):
+        integrand = lambda t: (stats.norm.cdf(t, 0.001, 0.02) - (t >= x)) ** 2  # noqa: E731
+        numeric = integrate.quad(integrand, -1, x, points=[x])[0] + integrate.quad(integrand, x, 1)[0]
+        assert forecast.crps(x)[0] == pytest.approx(numeric, rel=1e-6)
+
+
+def test_student_t_forecast_matches_a_finely_binned_t():
+    # The same distribution two ways: closed forms vs BinnedDistribution on a fine grid.
+    edges = np.linspace(-0.5, 0.5, 20001)
+    probs = np.diff(stats.t.cdf(edges, DF, scale=SCALE))
+    binned = BinnedDistribution(probs[None], edges)
+    exact = StudentTForecast(loc=np.zeros(1), scale=np.full(1, SCALE), df=DF)
+    x = np.array([-0.03, 0.0, 0.004])
+    assert exact.crps(x) == pytest.approx(binned.crps(x).ravel(), rel=1e-3)
+    assert exact.log_density(x) == pytest.approx(binned.log_density(x).ravel(), abs=5e-3)  # bin width 5e-5
+    assert exact.quantile([0.05, 0.95])[0] == pytest.approx(binned.quantile([0.05, 0.95])[0], rel=1e-3)
+
+
+def test_score_of_the_true_distribution_on_iid_student_t_returns():
+    returns = student_t_returns(20000)
+    truth = StudentTForecast(loc=np.zeros(len(returns)), scale=np.full(len(returns), SCALE), df=DF)
+    metrics = score(truth, returns)
+    tolerance = 4 * np.sqrt(0.25 / len(returns))  # four binomial standard errors
+    assert metrics["coverage_50"] == pytest.approx(0.5, abs=tolerance)
+    assert metrics["coverage_90"] == pytest.approx(0.9, abs=tolerance)
+    assert metrics["nll"] == pytest.approx(TRUE_NLL, abs=0.03)
+    # A symmetric forecast never says "up", so it is right exactly on the bars that did not go up.
+    assert metrics["direction_acc"] == pytest.approx(np.mean(returns <= 0))
+    # Expected CRPS of the true t (the mean of the closed form over the truth) is its lowest possible value.
+    wider = StudentTForecast(loc=truth.loc, scale=truth.scale * 1.5, df=DF)
+    assert score(wider, returns)["crps"] > metrics["crps"]
+    assert score(wider, returns)["coverage_90"] > 0.95
+
+
+def test_baselines_recover_the_known_answer_on_iid_student_t_prices():
+    results = evaluate({"student_t": student_t_prices(6000)})
+    assert set(results["models"]) == {"random_walk", "garch_t", "unconditional"}
+    models = results["models"]
+    for name in ("garch_t", "unconditional"):  # both contain the true model
+        assert models[name]["nll"] == pytest.approx(TRUE_NLL, abs=0.08)
+        assert models[name]["coverage_90"] == pytest.approx(0.9, abs=0.05)
+    # A Gaussian with a 20-bar volatility estimate is the wrong shape for t(4) noise.
+    assert models["random_walk"]["nll"] > models["unconditional"]["nll"]
+    assert results["num_bars"] == 600
+    table = format_table(results)
+    assert all(metric in table for metric in METRICS)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return KVTradeForCausalLM(load_preset("tiny")).eval()
+
+
+def test_sliding_batched_forward_equals_one_forecast_per_bar(tiny_model):
+    tokenizer = ReturnTokenizer.from_config(tiny_model.config)
+    frame = student_t_prices(300, seed=1)
+    ids = tokenize_period(frame, tokenizer)
+    context, first_target = 32, 250
+    batched = model_forecast(tiny_model, tokenizer, ids, first_target, context, batch_size=3)
+    forecaster = Forecaster(tiny_model, tokenizer)
+    for target in (first_target, 263, 299):
+        stride = context // 2
+        chunk_end = min(first_target + ((target - first_target) // stride + 1) * stride, len(ids))
+        window = ids[max(0, chunk_end - 1 - context) : target]  # the context the batched pass used
+        expected = BinnedDistribution.from_token_probs(forecaster.next_token_probs(torch.as_tensor(window)[None])[0], tokenizer)
+        np.testing.assert_allclose(batched.probs[target - first_target], expected.probs, rtol=1e-4, atol=1e-7)
+        assert len(window) >= context // 2
+
+
+def test_model_is_scored_by_the_same_code_as_the_baselines(tiny_model):
+    tokenizer = ReturnTokenizer.from_config(tiny_model.config)
+    bars, target = evaluate_series(student_t_prices(400), tiny_model, tokenizer, context_length=32)
+    assert list(bars) == list(MODEL_NAMES)
+    for terms in bars.values():
+        assert set(terms) == set(METRICS)
+        assert all(len(values) == len(target) == 40 for values in terms.values())
+        assert np.all(np.isfinite(terms["nll"]))
+    # An untrained model is close to uniform over 1024 bins: far worse than the true-shape baselines.
+    assert np.mean(bars["kvtrade"]["nll"]) > np.mean(bars["unconditional"]["nll"])
