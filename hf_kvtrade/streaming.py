@@ -287,6 +287,22 @@ class StreamingForecaster:
         return tick
 
     @torch.inference_mode()
+    def prime(self, symbol: str, prices, timestamps=None) -> TickForecast:
+        """Starts the session of ``symbol`` from a history of prices in one prefill (e.g. before going live).
+
+        The forecast equals what bar-by-bar ``update`` calls over the same prices would give at the end.
+        """
+        if symbol in self._sessions:
+            raise ValueError(f"symbol {symbol!r} already has a session; prime only new symbols")
+        started = time.perf_counter()
+        prices = np.asarray(prices, dtype=np.float64)
+        session = self._sessions[symbol] = _Session(token_ids=self.tokenizer.encode(prices, timestamps).tolist())
+        session.last_price = float(prices[-1])
+        session.last_timestamp = None if timestamps is None else timestamps[-1]
+        session.last_logits = self._rebuild(symbol, session)
+        return self._tick(symbol, session, session.last_logits, started)
+
+    @torch.inference_mode()
     def forecast(self, symbol: str) -> TickForecast:
         """The forecast after the symbol's latest bar; an evicted session is re-prefilled from its history."""
         started = time.perf_counter()
@@ -507,6 +523,24 @@ class StreamingForecaster:
         return ticks
 
 
+def load_model(checkpoint: str | None, fallback_preset: str = "small", seed: int = 0):
+    """The model and tokenizer of ``checkpoint``; without one there, a randomly initialised ``fallback_preset``.
+
+    Returns ``(model, tokenizer, description)``; the description says which of the two it is, for reports.
+    """
+    import os
+
+    from .modeling_kvtrade import KVTradeForCausalLM
+    from .presets import load_preset
+
+    if checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
+        model = KVTradeForCausalLM.from_pretrained(checkpoint).eval()
+        return model, ReturnTokenizer.from_pretrained(checkpoint), f"checkpoint {checkpoint}"
+    torch.manual_seed(seed)
+    model = KVTradeForCausalLM(load_preset(fallback_preset)).eval()
+    return model, ReturnTokenizer.from_config(model.config), f"random weights, {fallback_preset} preset ({checkpoint} absent)"
+
+
 def _parse_bar(bar) -> tuple[float, Any]:
     if isinstance(bar, Mapping):
         if "close" not in bar:
@@ -525,4 +559,11 @@ def _parse_bar(bar) -> tuple[float, Any]:
     return price, timestamp
 
 
-__all__ = ["CACHE_POLICIES", "PreallocatedKVCache", "PreallocatedKVLayer", "StreamingForecaster", "TickForecast"]
+__all__ = [
+    "CACHE_POLICIES",
+    "PreallocatedKVCache",
+    "PreallocatedKVLayer",
+    "StreamingForecaster",
+    "TickForecast",
+    "load_model",
+]

@@ -1,0 +1,73 @@
+"""`kvtrade backtest`: walk-forward backtest of the streaming forecaster on bundled held-out data."""
+
+from __future__ import annotations
+
+DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+DEFAULT_SERIES = ("sp500", "nasdaq", "eurusd_h1")
+DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("backtest", help="walk-forward backtest with baselines; writes JSON and PNGs")
+    parser.add_argument("--out", required=True, help="folder for report.json and the plots")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--series", nargs="+", default=list(DEFAULT_SERIES), help="bundled series traded one by one")
+    parser.add_argument(
+        "--portfolio", nargs="*", default=list(DEFAULT_PORTFOLIO), help="bundled series of the multi-asset book"
+    )
+    parser.add_argument("--cost", type=float, default=2e-4, help="one-way transaction cost (default: %(default)s)")
+    parser.add_argument("--prob-threshold", type=float, default=0.52, help="P(up) needed to go long")
+    parser.add_argument("--long-only", action="store_true", help="never go short")
+    parser.add_argument("--warmup", type=int, default=512, help="bars before the test period to prime each session")
+    parser.add_argument("--policy", default="full", help="cache policy of the streaming engine")
+    parser.add_argument("--limit", type=int, help="trade only the first N test bars of each series (quick runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one-token steps prefer 1)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from ..backtest import run_backtest
+    from ..signals import SignalRule
+    from ..streaming import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, description = load_model(args.checkpoint)
+    print(f"model: {description}")
+    rule = SignalRule(prob_threshold=args.prob_threshold, transaction_cost=args.cost, allow_short=not args.long_only)
+    report = run_backtest(
+        model,
+        tokenizer,
+        args.out,
+        series=list(args.series),
+        portfolio=list(args.portfolio),
+        rule=rule,
+        warmup=args.warmup,
+        cache_policy=args.policy,
+        limit=args.limit,
+        model_description=description,
+    )
+    for name, result in report["series"].items():
+        print(f"\n{name} ({result['test_start']} .. {result['test_end']}, {result['bars']} bars)")
+        for strategy, metrics in result["metrics"].items():
+            print(f"  {strategy:18s} {_summary(metrics)}")
+    if "multi_asset" in report:
+        print(f"\nmulti-asset {report['multi_asset']['symbols']}")
+        for strategy, metrics in report["multi_asset"]["metrics"].items():
+            print(f"  {strategy:18s} {_summary(metrics)}")
+    print(f"\nlatency {json.dumps({k: round(v, 3) for k, v in report['latency'].items()})}")
+    print(f"wrote {args.out}/report.json and {len(report['plots'])} plots")
+    return 0
+
+
+def _summary(metrics: dict) -> str:
+    def fmt(value):
+        return "   n/a" if value is None else f"{value:6.2f}"
+
+    return (
+        f"total {metrics['total_return']:+7.2%}  sharpe {fmt(metrics['sharpe'])}  sortino {fmt(metrics['sortino'])}  "
+        f"maxdd {metrics['max_drawdown']:7.2%}  win {fmt(metrics['win_rate'])}  turnover {metrics['turnover']:7.1f}"
+    )
