@@ -65,7 +65,7 @@ def run(args) -> int:
         def vllm_forecasts():
             # A cold cache: the histories were seen in the warm-up, and must be prefilled again like HF's.
             vllm.llm.reset_prefix_cache()
-            return vllm.predict_batch(histories, horizon=args.steps, num_samples=args.paths, quantiles=(0.05, 0.5, 0.95))
+            return vllm.predict_batch(histories, args.steps, args.paths, quantiles=(0.05, 0.5, 0.95))
 
         print("warming up", flush=True)
         with torch.inference_mode():
