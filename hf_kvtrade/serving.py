@@ -133,7 +133,6 @@ def server_command(
     served_model_name: str | None = None,
     dtype: str = "float32",
     enforce_eager: bool = False,
-    extra_args: list[str] | None = None,
 ) -> list[str]:
     """Command line of vLLM's OpenAI-compatible server for a KVTrade checkpoint.
 
@@ -163,7 +162,7 @@ def server_command(
         command += ["--api-key", api_key]
     if enforce_eager:
         command.append("--enforce-eager")
-    return command + list(extra_args or [])
+    return command
 
 
 def server_environment(max_samples: int = DEFAULT_MAX_SAMPLES) -> dict[str, str]:

@@ -7,9 +7,7 @@ def register(subparsers) -> None:
     from ..serving import DEFAULT_HOST, DEFAULT_MAX_SAMPLES, DEFAULT_PORT
 
     parser = subparsers.add_parser(
-        "serve",
-        help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)",
-        description="Extra arguments after `--` go to vLLM's server unchanged.",
+        "serve", help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)"
     )
     parser.add_argument("checkpoint", help="model folder saved by Forecaster.save_pretrained")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, local only)")
@@ -23,7 +21,6 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="skip torch.compile: starts faster, runs a little slower"
     )
-    parser.add_argument("vllm_args", nargs="*", help="arguments passed to vLLM's server after `--`")
     parser.set_defaults(func=run)
 
 
@@ -42,7 +39,6 @@ def run(args) -> int:
             served_model_name=args.served_model_name,
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,
-            extra_args=args.vllm_args,
         )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"kvtrade serve: {error}") from None
