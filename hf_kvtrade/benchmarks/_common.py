@@ -12,7 +12,6 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +27,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@cache
 def machine_info(device: str = "cpu") -> dict:
-    """CPU model, logical cores, torch/transformers versions and the ``device`` the row measured on."""
+    """CPU model, logical cores, torch's intra-op threads, torch/transformers versions and the ``device`` measured on.
+
+    Threads matter on a shared CPU: with other processes busy, one thread per step often beats spinning barriers.
+    """
     import torch
     import transformers
 
     info = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -28,13 +28,15 @@ from pathlib import Path
 from ._common import context_list, machine_info, write_json
 
 FULL_CONTEXTS = (2048, 8192, 16384)
-# --quick: one decoder layer and no 16k. Attention scores are freed layer by layer, so the peak memory of one
-# layer is that of the whole stack; prefill times are about 1/num_layers of the full model's.
+# --quick: one decoder layer and no 16k. Attention scores are freed layer by layer, so one layer's peak memory is
+# about the whole stack's (the other layers' KV cache, a few MiB, is the difference); prefill times are about
+# 1/num_layers of the full model's.
 QUICK_CONTEXTS = (2048, 8192)
 QUICK_LAYERS = 1
 BACKENDS = ("eager", "sdpa", "flash_attention_2")
 SEED_CLAIMS = {"attention_memory": "FlashAttention 10-640x less attention memory"}
-# Eager keeps about this many score-sized tensors alive at once (matmul output, scaled, masked, softmax).
+# Eager makes each of scaled, masked and softmaxed scores as a new tensor from the previous one, so two or three
+# score-sized tensors are alive at once.
 EAGER_LIVE_SCORE_TENSORS = 3
 MEMORY_SAFETY_FRACTION = 0.7
 WARMUP_TOKENS = 128
@@ -106,7 +108,8 @@ def prefill_once(
     from ..modeling_kvtrade import KVTradeForCausalLM
 
     config = _build_config(preset, backend, context, num_layers)
-    dtype = torch.bfloat16 if backend == "flash_attention_2" else torch.float32
+    # flash_attention_2 needs half precision; on CUDA every backend runs in it so that the rows compare.
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(seed)
     model = KVTradeForCausalLM(config).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)

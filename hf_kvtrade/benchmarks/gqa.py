@@ -4,16 +4,18 @@ The three models share the preset's width, depth and query heads and differ only
 (MHA: one KV head per query head, GQA: the preset's groups, MQA: one). Weights are random: neither cache size nor
 step latency depends on what the weights are. Each context is prefilled once at the longest length; shorter
 contexts reuse that cache cropped back, and every timed decode step is cropped back again so each step sees
-exactly the stated context.
+exactly the stated context. The three models step in turn (round-robin), so a busy shared machine slows them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from ._common import context_list, machine_info, percentile_ms, time_calls, write_json
 
 FULL_CONTEXTS = (1024, 4096, 8192)
+WARMUP_STEPS = 2
 SEED_CLAIMS = {"cache_reduction": "2-4x less KV cache", "decode_speedup": "1.9-3.3x faster"}
 
 
@@ -42,41 +44,49 @@ def measure(
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else None
     contexts = sorted(contexts, reverse=True)
     machine = machine_info(device)
-    rows = []
-    for flavour in flavours:
-        config = load_preset(preset, attention=flavour, max_position_embeddings=max(contexts) + 1)
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)
-        model = KVTradeForCausalLM(config).to(device).eval()
-        generator = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(4, config.vocab_size, (1, contexts[0] + 1), generator=generator).to(device)
-        with torch.inference_mode():
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, load_preset(preset).vocab_size, (1, contexts[0] + 1), generator=generator).to(device)
+    contenders = {}
+    with torch.inference_mode():
+        for flavour in flavours:
+            config = load_preset(preset, attention=flavour, max_position_embeddings=max(contexts) + 1)
+            config._attn_implementation = attn_implementation
+            torch.manual_seed(seed)
+            model = KVTradeForCausalLM(config).to(device).eval()
             cache = DynamicCache(config=config)
             model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            next_token = prompt[:, -1:]
+            contenders[flavour] = (model, cache)
 
-            def decode_step():
-                model(input_ids=next_token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache.crop(-1)
+        def decode_step(model, cache):
+            model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.crop(-1)
 
-            for context in contexts:
+        rows = []
+        for context in contexts:
+            durations = {flavour: [] for flavour in flavours}
+            for _, cache in contenders.values():
                 cache.crop(-(cache.get_seq_length() - context))
-                durations = time_calls(decode_step, repeats=decode_steps, warmup=2, synchronize=synchronize)
+            # Round-robin steps, so load from other processes on a shared machine hits every flavour alike.
+            for step in range(decode_steps + WARMUP_STEPS):
+                for flavour, (model, cache) in contenders.items():
+                    seconds = time_calls(partial(decode_step, model, cache), 1, warmup=0, synchronize=synchronize)
+                    if step >= WARMUP_STEPS:
+                        durations[flavour].extend(seconds)
+            for flavour, (model, cache) in contenders.items():
                 rows.append(
                     {
                         "attention": flavour,
-                        "num_attention_heads": config.num_attention_heads,
-                        "num_key_value_heads": config.num_key_value_heads,
+                        "num_attention_heads": model.config.num_attention_heads,
+                        "num_key_value_heads": model.config.num_key_value_heads,
                         "context": context,
                         "cache_bytes_per_token": cache_nbytes(cache) / cache.get_seq_length(),
                         "cache_mib": cache_nbytes(cache) / 2**20,
-                        "decode_p50_ms": percentile_ms(durations, 50),
-                        "decode_p90_ms": percentile_ms(durations, 90),
+                        "decode_p50_ms": percentile_ms(durations[flavour], 50),
+                        "decode_p90_ms": percentile_ms(durations[flavour], 90),
                         "decode_steps": decode_steps,
                         "machine": machine,
                     }
                 )
-        del model, cache
     _add_ratios(rows, reference=flavours[0])
     return {
         "benchmark": "gqa",
@@ -84,7 +94,7 @@ def measure(
         "attn_implementation": attn_implementation,
         "dtype": "float32",
         "seed_claims": SEED_CLAIMS,
-        "rows": sorted(rows, key=lambda row: (row["context"], flavours.index(row["attention"]))),
+        "rows": sorted(rows, key=lambda row: row["context"]),
     }
 
 
