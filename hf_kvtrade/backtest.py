@@ -107,11 +107,13 @@ def garch_positions(
     """
     from arch import arch_model
 
-    # arch's optimiser works best on percentage returns.
-    returns = 100.0 * np.log(closes).diff().dropna()
-    fit_returns = returns[returns.index < test_start]
-    if len(fit_returns) < 100:
-        raise ValueError(f"GARCH needs at least 100 bars before the test period, got {len(fit_returns)}")
+    log_returns = np.log(closes).diff().dropna()
+    before_test = log_returns.index < test_start
+    if before_test.sum() < 100:
+        raise ValueError(f"GARCH needs at least 100 bars before the test period, got {before_test.sum()}")
+    # arch's optimiser wants returns of order one; the positions do not depend on the unit.
+    returns = log_returns / log_returns[before_test].std()
+    fit_returns = returns[before_test]
     fitted = arch_model(fit_returns, mean="Constant", vol="GARCH", p=1, q=1, dist="t").fit(disp="off")
     filtered = arch_model(returns, mean="Constant", vol="GARCH", p=1, q=1, dist="t").fix(fitted.params)
     # Row t of the forecast is the variance of bar t+1 given returns up to t.

@@ -469,6 +469,10 @@ class StreamingForecaster:
             session.tokens_in_cache = 0
             self.evictions += 1
 
+    def session_cache(self, symbol: str) -> Cache | None:
+        """The live cache of ``symbol`` (None when evicted); for inspection, not for mutation."""
+        return self._sessions[symbol].cache if symbol in self._sessions else None
+
     def is_resident(self, symbol: str) -> bool:
         return symbol in self._sessions and self._sessions[symbol].cache is not None
 

@@ -1,6 +1,7 @@
 """The streaming engine against full forward passes: every tick, every policy, through eviction and sliding."""
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -197,3 +198,21 @@ def test_bad_settings_are_rejected(model):
     engine.update("a", {"close": 100.0, "timestamp": 5})
     with pytest.raises(ValueError, match="not after"):
         engine.update("a", {"close": 100.0, "timestamp": 5})
+
+
+def test_stream_benchmark_writes_the_documented_layout(tmp_path):
+    from argparse import Namespace
+
+    from hf_kvtrade.benchmarks import stream
+
+    path = tmp_path / "stream.json"
+    args = Namespace(
+        json=str(path), checkpoint=str(tmp_path / "no-checkpoint"), contexts=[48, 64], ticks=8, repeats=1,
+        threads=1, policy="full", compile=False, quick=False,
+    )
+    assert stream.run(args) == 0
+    report = json.loads(path.read_text())
+    assert "random weights" in report["model"]
+    for context in ("48", "64"):
+        entry = report["contexts"][context]
+        assert entry["ratio"] == pytest.approx(entry["recompute_ms"] / entry["incremental_p50_ms"], abs=0.1)
