@@ -13,6 +13,10 @@ Baselines (all fitted on the bars before the test period, i.e. the training and 
   volatility is filtered through the test period, so each forecast uses only earlier returns.
 - ``unconditional``: a Student-t fitted by maximum likelihood to the pre-test returns, the same for every bar.
 
+Test periods are held out in calendar time too: :func:`heldout_series_names` keeps only series whose test period
+starts after the training period of every series of the same bar frequency has ended, so a model trained on one
+stock's 2012 bars is never scored on another listing of that stock (or a correlated index) in 2012.
+
 The model reads a sliding context of its training length: one forward pass over a window gives the next-bar
 distribution at every position, and only positions with at least half a window of context are scored.
 """
@@ -210,6 +214,18 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None, contex
         "models": models,
         "series": per_series,
     }
+
+
+def heldout_series_names(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """Series whose test period begins after every same-frequency series' training period ends."""
+    periods = {name: split_periods(frame) for name, frame in frames.items()}
+    spacing = {name: frame.index.to_series().diff().median() for name, frame in frames.items()}
+    heldout = []
+    for name, (_, _, test) in periods.items():
+        peers = [other for other in frames if spacing[other] == spacing[name]]
+        if all(periods[other][0].index[-1] < test.index[0] for other in peers):
+            heldout.append(name)
+    return heldout
 
 
 def _means(terms: dict[str, np.ndarray]) -> dict[str, float]:

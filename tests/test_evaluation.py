@@ -14,6 +14,7 @@ from hf_kvtrade.evaluation import (
     evaluate,
     evaluate_series,
     format_table,
+    heldout_series_names,
     model_forecast,
     score,
 )
@@ -117,3 +118,14 @@ def test_model_is_scored_by_the_same_code_as_the_baselines(tiny_model):
         assert np.all(np.isfinite(terms["nll"]))
     # An untrained model is close to uniform over 1024 bins: far worse than the true-shape baselines.
     assert np.mean(bars["kvtrade"]["nll"]) > np.mean(bars["unconditional"]["nll"])
+
+
+def test_heldout_series_exclude_test_periods_inside_other_training_periods():
+    daily = pd.date_range("2000-01-01", periods=1000, freq="D", tz="UTC")
+    frames = {
+        "early": pd.DataFrame({"close": np.linspace(1, 2, 500)}, index=daily[:500]),
+        "late": pd.DataFrame({"close": np.linspace(1, 2, 1000)}, index=daily),
+        "hourly": pd.DataFrame({"close": np.linspace(1, 2, 100)}, index=pd.date_range("2000-01-01", periods=100, freq="h", tz="UTC")),
+    }
+    # "early" is tested on days that "late" trains on; hourly bars only compete with hourly bars.
+    assert heldout_series_names(frames) == ["late", "hourly"]

@@ -8,7 +8,9 @@ DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score next-bar forecasts against baselines on the test period")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
-    parser.add_argument("--series", default="all", help="comma-separated bundled series, or 'all' (default: %(default)s)")
+    parser.add_argument("--series", default="heldout",
+                        help="comma-separated bundled series, 'all', or 'heldout': those whose test period starts after "
+                             "every same-frequency series' training period (default: %(default)s)")
     parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
                         help="also evaluate on the final period of this CSV/Parquet OHLCV file (repeatable)")
     parser.add_argument("--context-length", type=int,
@@ -20,16 +22,19 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from ..evaluation import evaluate, format_table
+    from ..evaluation import evaluate, format_table, heldout_series_names
     from ..forecasting import Forecaster
     from .train import select_frames
 
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     config = forecaster.model.config
     context_length = args.context_length or getattr(config, "training_context_length", config.max_position_embeddings)
-    frames, _ = select_frames(args.series, args.data_file)
+    frames, _ = select_frames("all" if args.series == "heldout" else args.series, args.data_file)
+    if args.series == "heldout":
+        frames = {name: frames[name] for name in heldout_series_names(frames)}
     results = evaluate(frames, forecaster.model, forecaster.tokenizer, context_length=context_length)
     results["checkpoint"] = args.checkpoint
+    results["series_selection"] = args.series
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

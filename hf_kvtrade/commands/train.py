@@ -64,6 +64,8 @@ def select_frames(series: str, data_files: list[str]) -> tuple[dict, list[dict]]
 
 
 def run(args) -> int:
+    import torch
+
     from ..presets import load_preset
     from ..training import push_to_hub, train, write_model_card
 
@@ -81,6 +83,7 @@ def run(args) -> int:
         weight_decay=args.weight_decay,
         eval_steps=args.eval_steps,
         seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
     )
     write_model_card(result, reproducible_command(args), sources)
     print(
