@@ -160,6 +160,7 @@ class StreamingForecaster:
         cache_kwargs: passed to ``hf_kvtrade.cache.build_cache`` for the non-``full`` policies.
         compile: compile the one-token decode step with ``torch.compile`` (``full`` policy only).
         prefill_chunk: tokens per forward pass when (re-)building a cache, which bounds prefill memory.
+        max_latency_samples: how many of the latest tick latencies ``latency_stats`` summarises.
     """
 
     def __init__(

@@ -94,6 +94,19 @@ def test_sink_policy_runs_past_the_training_context_in_constant_memory():
     assert all(np.isfinite(tick.prob_up) for tick in ticks)
 
 
+@pytest.mark.parametrize("selection", ["recency", "hybrid"])
+def test_selective_policy_is_exact_until_its_budget_then_bounded(selection):
+    torch.manual_seed(0)
+    model = KVTradeForCausalLM(load_preset("tiny", max_position_embeddings=64)).eval()  # hybrid switches it to eager
+    engine = StreamingForecaster(model, cache_policy="selective", cache_kwargs={"budget": 40, "policy": selection})
+    ticks = [engine.update("spx", price) for price in random_walk(100, seed=5)]
+    reference = full_forward_bin_probs(model, engine.history("spx")[:40])
+    for step in range(40):
+        np.testing.assert_allclose(ticks[step].distribution.probs, reference[step], atol=1e-5)
+    assert engine.session_cache("spx").num_tokens_held() == 40
+    assert engine.prefills == 1
+
+
 def test_eviction_and_reprefill_restore_the_same_forecasts(model):
     symbols = ["a", "b", "c"]
     series = {symbol: random_walk(40, seed=10 + i) for i, symbol in enumerate(symbols)}
