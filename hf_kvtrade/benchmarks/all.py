@@ -1,0 +1,192 @@
+"""Every benchmark side by side in one run: report.json, report.md (tables) and report.png under --out.
+
+Runs, in one process on one machine: KV cache vs full recompute by context (stream), MHA vs GQA vs MQA (gqa),
+cache policies (cache), attention backends at long context (attention), Transformers vs vLLM serving (serve) and
+the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
+arguments, so `kvtrade bench all` measures exactly what `kvtrade bench NAME` measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import traceback
+from pathlib import Path
+
+# Order: the cheap, central comparisons first, so a failure late in the run still leaves them in the report.
+SECTIONS = ("stream", "gqa", "cache", "attention", "serve", "attention_map")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="out/bench", help="folder for report.json, report.md and plots")
+    parser.add_argument("--quick", action="store_true", help="every benchmark in its --quick mode (under 5 minutes)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these benchmarks")
+
+
+def run(args) -> int:
+    from ._common import machine_info, write_json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, failures = {}, {}
+    started = datetime.datetime.now(datetime.timezone.utc)
+    for name in args.only or SECTIONS:
+        print(f"\n=== bench {name} ===", flush=True)
+        try:
+            results[name] = _run_benchmark(name, out, args.quick)
+        except Exception:  # noqa: BLE001 - one broken benchmark must not lose the others' numbers
+            failures[name] = traceback.format_exc()
+            print(failures[name], flush=True)
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "quick": bool(args.quick),
+        "machine": machine_info("cpu"),
+        "results": results,
+        "failures": {name: trace.strip().splitlines()[-1] for name, trace in failures.items()},
+    }
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    _plot(results, out / "report.png")
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'report.png'}")
+    return 1 if failures else 0
+
+
+def _run_benchmark(name: str, out: Path, quick: bool) -> dict:
+    module = importlib.import_module(f"{__package__}.{name}")
+    parser = argparse.ArgumentParser(prog=f"kvtrade bench {name}")
+    module.add_arguments(parser)
+    argv = ["--out", str(out / name)] if name == "attention_map" else ["--json", str(out / f"{name}.json")]
+    # attention_map is a single forward pass and has no --quick; get_default is None for an unknown option.
+    if quick and parser.get_default("quick") is not None:
+        argv.append("--quick")
+    status = module.run(parser.parse_args(argv))
+    if status:
+        raise RuntimeError(f"bench {name} exited with status {status}")
+    path = out / name / "attention_map.json" if name == "attention_map" else out / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+def _machine_label(info: dict) -> str:
+    return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores, {info.get('device', 'cpu')})"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    machine = _machine_label(report["machine"])
+    results = report["results"]
+    parts = [
+        f"# hf-kvtrade benchmark report\n\nRun {report['started']} on {machine}"
+        f"{' (quick mode)' if report['quick'] else ''}. Every row below was measured in this one run.\n"
+    ]
+    if "stream" in results:
+        contexts = results["stream"]["contexts"]
+        parts.append("## KV cache vs full recompute, per tick\n\n" + _table(
+            ["context", "incremental p50 ms", "recompute ms", "ratio", "machine"],
+            [[ctx, row["incremental_p50_ms"], row["recompute_ms"], row["ratio"], machine] for ctx, row in contexts.items()],
+        ))
+    if "gqa" in results:
+        parts.append("## MHA vs GQA vs MQA at equal width\n\n" + _table(
+            ["attention", "kv heads", "context", "cache bytes/token", "decode p50 ms", "cache vs MHA", "speed vs MHA", "machine"],
+            [
+                [row["attention"], row["num_key_value_heads"], row["context"], row["cache_bytes_per_token"],
+                 row["decode_p50_ms"], row.get("cache_reduction_vs_mha"), row.get("decode_speedup_vs_mha"),
+                 _machine_label(row["machine"])]
+                for row in results["gqa"]["rows"]
+            ],
+        ))
+    if "cache" in results:
+        parts.append("## Cache policies\n\n" + _table(
+            ["policy", "bytes ratio vs fp32 (16k ticks)", "NLL delta %", "step p50 ms", "machine"],
+            [[name, row["bytes_ratio"], row["nll_delta_pct"], row["p50_ms"], machine]
+             for name, row in results["cache"]["policies"].items()],
+        ))
+    if "attention" in results:
+        parts.append("## Attention backends at long context (prefill)\n\n" + _table(
+            ["backend", "context", "mode", "prefill s", "peak extra MiB", "memory vs eager", "skipped", "machine"],
+            [
+                [row["backend"], row["context"], row["mode"], row.get("prefill_s"), row.get("peak_extra_mib"),
+                 row.get("memory_vs_eager", row.get("chunked_memory_reduction")), row.get("skipped"),
+                 _machine_label(row["machine"])]
+                for row in results["attention"]["rows"]
+            ],
+        ))
+    if "serve" in results:
+        throughput, prefix = results["serve"]["throughput"], results["serve"]["prefix"]
+        parts.append("## Transformers vs vLLM serving\n\n" + _table(
+            ["measure", "Transformers / cold", "vLLM / warm", "ratio", "machine"],
+            [
+                ["forecasts per second", throughput["hf_forecasts_per_s"], throughput["vllm_forecasts_per_s"],
+                 throughput["ratio"], machine],
+                ["new-bar latency ms (prefix cold vs warm)", prefix["cold_ms"], prefix["warm_ms"], prefix["ratio"], machine],
+            ],
+        ))
+    if "attention_map" in results:
+        attention = results["attention_map"]
+        parts.append(
+            f"## Where the next forecast looks ({attention['series']}, {attention['context_length']} bars)\n\n"
+            + _table(
+                ["attention mass on the last N bars", *attention["mass_within_last"].keys(), "mean lag", "machine"],
+                [["share", *attention["mass_within_last"].values(), attention["mean_lag"], machine]],
+            )
+            + "\n\n![attention map](attention_map/attention_map.png)"
+        )
+    for name, error in report["failures"].items():
+        parts.append(f"## {name}: FAILED\n\n`{error}`")
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [name for name in ("stream", "gqa", "cache", "attention", "serve") if name in results]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True, squeeze=False)
+    for axis, name in zip(axes[0], panels):
+        data = results[name]
+        if name == "stream":
+            contexts = [int(ctx) for ctx in data["contexts"]]
+            axis.plot(contexts, [row["recompute_ms"] for row in data["contexts"].values()], "o-", label="full recompute")
+            axis.plot(contexts, [row["incremental_p50_ms"] for row in data["contexts"].values()], "o-", label="KV cache (p50)")
+            axis.set(xscale="log", yscale="log", xlabel="context (bars)", ylabel="ms per tick", title="Cache vs recompute")
+        elif name == "gqa":
+            for flavour in dict.fromkeys(row["attention"] for row in data["rows"]):
+                rows = [row for row in data["rows"] if row["attention"] == flavour]
+                axis.plot([row["context"] for row in rows], [row["decode_p50_ms"] for row in rows], "o-", label=flavour)
+            axis.set(xscale="log", xlabel="context (bars)", ylabel="decode p50 ms", title="MHA / GQA / MQA")
+        elif name == "cache":
+            for policy, row in data["policies"].items():
+                axis.scatter(row["bytes_ratio"], row["nll_delta_pct"], label=policy)
+            axis.set(xlabel="bytes vs fp32 cache", ylabel="NLL delta %", title="Cache policies")
+        elif name == "attention":
+            for (backend, mode) in dict.fromkeys((row["backend"], row["mode"]) for row in data["rows"]):
+                rows = [r for r in data["rows"] if r["backend"] == backend and r["mode"] == mode and "skipped" not in r]
+                if rows:
+                    axis.plot([r["context"] for r in rows], [r["peak_extra_mib"] for r in rows], "o-", label=f"{backend} {mode}")
+            axis.set(xscale="log", yscale="log", xlabel="prompt length", ylabel="peak extra MiB", title="Prefill memory")
+        elif name == "serve":
+            throughput = data["throughput"]
+            axis.bar(["Transformers", "vLLM"], [throughput["hf_forecasts_per_s"], throughput["vllm_forecasts_per_s"]])
+            axis.set(ylabel="forecasts per second", title="Sampled forecasts throughput")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
