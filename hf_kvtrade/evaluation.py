@@ -239,3 +239,33 @@ def format_table(results: dict) -> str:
         for name, metrics in results["models"].items()
     ]
     return "\n".join([f"test period: {results['num_bars']} bars", header, *rows])
+
+
+EVALUATION_HEADING = "## Test-period evaluation"
+
+
+def update_model_card(checkpoint, results: dict, command: str):
+    """Replaces (or adds) the evaluation section of the checkpoint's ``README.md`` model card."""
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    path = Path(checkpoint) / "README.md"
+    card = ModelCard.load(path)
+    text = card.text.split(EVALUATION_HEADING)[0].rstrip()
+    rows = "\n".join(
+        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
+        f"| {m['direction_acc']:.3f} |"
+        for name, m in results["models"].items()
+    )
+    section = (
+        f"{EVALUATION_HEADING}\n\n```bash\n{command}\n```\n\n"
+        f"Next-bar forecasts on {results['num_bars']} test bars of {len(results['series'])} series "
+        f"({', '.join(results['series'])}), context {results['context_length']} bars. NLL in nats per bar "
+        "(lower is better), CRPS in log-return units (lower is better), interval coverage (ideal 0.5 and 0.9), "
+        "direction accuracy. Baselines are described in docs/data.md.\n\n"
+        "| model | NLL | CRPS | coverage 50% | coverage 90% | direction |\n|---|---|---|---|---|---|\n" + rows
+    )
+    card.text = f"{text}\n\n{section}\n"
+    card.save(path)
+    return path

@@ -151,12 +151,7 @@ def train(
     )
 
 
-def write_model_card(
-    run: TrainingRun,
-    command: str,
-    sources: list[dict],
-    evaluation: dict | None = None,
-) -> Path:
+def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Path:
     """README.md of the checkpoint (a `huggingface_hub.ModelCard`): data, periods, the exact command, metrics."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -198,24 +193,10 @@ def write_model_card(
         f"Validation cross-entropy (nats per bar): {run.initial_validation_loss:.4f} at initialisation, "
         f"{run.validation_loss:.4f} after training (best step: {run.best_step}).",
     ]
-    if evaluation is not None:
-        lines.append(evaluation_table(evaluation))
     card = ModelCard("\n\n".join(lines) + "\n")
     path = Path(run.output_dir) / "README.md"
     card.save(path)
     return path
-
-
-def evaluation_table(evaluation: dict) -> str:
-    rows = "\n".join(
-        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
-        f"| {m['direction_acc']:.3f} |"
-        for name, m in evaluation["models"].items()
-    )
-    return (
-        f"Test period ({evaluation['num_bars']} bars, `kvtrade evaluate`):\n\n"
-        "| model | NLL | CRPS | cov. 50% | cov. 90% | direction |\n|---|---|---|---|---|---|\n" + rows
-    )
 
 
 def push_to_hub(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:

@@ -17,6 +17,7 @@ from hf_kvtrade.evaluation import (
     heldout_series_names,
     model_forecast,
     score,
+    update_model_card,
 )
 from hf_kvtrade.presets import load_preset
 
@@ -129,3 +130,16 @@ def test_heldout_series_exclude_test_periods_inside_other_training_periods():
     }
     # "early" is tested on days that "late" trains on; hourly bars only compete with hourly bars.
     assert heldout_series_names(frames) == ["late", "hourly"]
+
+
+def test_model_card_gets_one_evaluation_section(tmp_path):
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# kvtrade-small\n\nTrained.\n")
+    results = evaluate({"student_t": student_t_prices(400)})
+    results["context_length"] = 256
+    update_model_card(tmp_path, results, "kvtrade evaluate")
+    update_model_card(tmp_path, results, "kvtrade evaluate")  # a second run replaces the section
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.text.count("## Test-period evaluation") == 1
+    assert "Trained." in card.text and "| garch_t |" in card.text and card.data.library_name == "transformers"

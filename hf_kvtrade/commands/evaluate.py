@@ -16,13 +16,14 @@ def register(subparsers) -> None:
     parser.add_argument("--context-length", type=int,
                         help="bars of context per forecast (default: the checkpoint's training window length)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
+    parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.set_defaults(func=run)  # fmt: skip
 
 
 def run(args) -> int:
     import json
 
-    from ..evaluation import evaluate, format_table, heldout_series_names
+    from ..evaluation import evaluate, format_table, heldout_series_names, update_model_card
     from ..forecasting import Forecaster
     from .train import select_frames
 
@@ -40,4 +41,7 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
+    if args.update_card:
+        command = f"kvtrade evaluate --checkpoint {args.checkpoint} --series {args.series}"
+        print(f"updated {update_model_card(args.checkpoint, results, command)}")
     return 0
