@@ -27,7 +27,7 @@ def test_short_tiny_run_lowers_validation_loss(trained):
     run, _ = trained
     assert run.validation_loss < run.initial_validation_loss - 0.5
     assert run.best_step in (20, 40)
-    assert run.num_parameters == sum(p.numel() for p in __import__("hf_kvtrade").KVTradeForCausalLM(load_preset("tiny")).parameters())
+    assert run.num_train_tokens > 0 and run.train_cpu_seconds > 0
 
 
 @pytest.mark.slow
