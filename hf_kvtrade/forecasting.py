@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from .distribution import BinnedDistribution
 from .modeling_kvtrade import KVTradeForCausalLM
@@ -109,7 +110,9 @@ class Forecaster:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        """Bars of history fed to the model: the trained window when known, else every position it accepts."""
+        config = self.model.config
+        return config.training_context_length or config.max_position_embeddings
 
     def encode_context(self, prices) -> torch.Tensor:
         """Token ids of the most recent ``context_length`` bars, as a (1, n) tensor on the model's device."""
@@ -145,24 +148,30 @@ class Forecaster:
         paths = self.sample_paths(input_ids, horizon, num_samples)
         return Forecast.from_paths(self.tokenizer.decode(paths), last_price, quantiles)
 
+    @torch.inference_mode()
     def sample_paths(self, input_ids: torch.Tensor, horizon: int, num_samples: int) -> np.ndarray:
         """Token ids of ``num_samples`` sampled continuations, shape ``(num_samples, horizon)``.
 
-        ``top_k=0`` samples the full predictive distribution (generate's default would cut it to 50 bins); the
-        special tokens are suppressed so every sampled step is a return.
+        The history is prefilled once and its cache repeated for every path (``num_return_sequences`` would
+        prefill it once per path). ``top_k=0`` samples the full predictive distribution (generate's default
+        would cut it to 50 bins); the special tokens are suppressed so every sampled step is a return.
         """
-        special_ids = list(range(self.tokenizer.first_bin_id))
+        cache = DynamicCache(config=self.model.config)
+        if input_ids.shape[1] > 1:
+            self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(num_samples)
+        batch_ids = input_ids.expand(num_samples, -1)
         output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            input_ids=batch_ids,
+            attention_mask=torch.ones_like(batch_ids),
+            past_key_values=cache,
             do_sample=True,
             top_k=0,
             top_p=1.0,
             temperature=1.0,
             max_new_tokens=horizon,
             min_new_tokens=horizon,
-            num_return_sequences=num_samples,
-            suppress_tokens=special_ids,
+            suppress_tokens=list(range(self.tokenizer.first_bin_id)),
             pad_token_id=self.tokenizer.pad_token_id,
         )
         return output[:, input_ids.shape[1] :].cpu().numpy()

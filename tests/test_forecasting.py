@@ -101,3 +101,13 @@ def test_mean_std_and_samples_agree(skewed_distribution):
     samples = row.sample(200_000, np.random.default_rng(0))
     assert samples.mean() == pytest.approx(row.mean(), abs=4 * row.std() / np.sqrt(len(samples)))
     assert samples.std() == pytest.approx(row.std(), rel=0.01)
+
+
+def test_first_sampled_step_follows_the_exact_next_bar_distribution(forecaster, random_walk_prices):
+    levels = np.linspace(0.05, 0.95, 19)
+    exact_quantiles = forecaster.predict(random_walk_prices).distribution.quantile(levels)
+    first_steps = forecaster.predict(random_walk_prices, horizon=2, num_samples=3000, seed=0).paths[:, 0]
+    observed = (first_steps[:, None] <= exact_quantiles[None, :]).mean(axis=0)
+    # Samples are bin centres, so each level may also be off by the mass of one bin (< 0.01 here).
+    tolerance = 5 * np.sqrt(levels * (1 - levels) / len(first_steps)) + 0.01
+    assert np.all(np.abs(observed - levels) <= tolerance)
