@@ -24,6 +24,9 @@ class KVTradeConfig(PreTrainedConfig):
             attention, anything in between grouped-query attention.
         head_dim (`int`): 32 or 64 keep the model servable by vLLM's CPU attention kernels.
         sliding_window (`int`, *optional*): if set, every layer attends to at most this many past tokens.
+        training_context_length (`int`, *optional*): the window length the model was trained on (set by
+            `kvtrade train`). Forecasts use this many recent bars; `max_position_embeddings` only bounds what the
+            rotary embedding and vLLM accept.
 
     ```python
     >>> from hf_kvtrade import KVTradeConfig, KVTradeForCausalLM
@@ -70,6 +73,7 @@ class KVTradeConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: int | float = 0.0
     sliding_window: int | None = None
+    training_context_length: int | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
