@@ -166,15 +166,11 @@ class OfflineForecaster(_VLLMForecasting):
     def __init__(self, checkpoint: str | os.PathLike, **llm_kwargs):
         from vllm import LLM
 
+        from .serving import engine_settings
+
         self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings = {
-            "skip_tokenizer_init": True,
-            "enable_prefix_caching": True,
-            "dtype": "float32",
-            "block_size": 32,
-            "max_logprobs": self.tokenizer.vocab_size,
-        }
+        settings = engine_settings(checkpoint)
         settings.update(llm_kwargs)
         self.llm = LLM(model=str(checkpoint), **settings)
         self.context_length = self.llm.llm_engine.model_config.max_model_len

@@ -125,6 +125,27 @@ async def _reject(message: str, parameter: str, scope, receive, send) -> None:
     await JSONResponse(content=error.model_dump(), status_code=error.error.code)(scope, receive, send)
 
 
+def engine_settings(checkpoint: str | os.PathLike) -> dict:
+    """vLLM engine arguments shared by `kvtrade serve` and `hf_kvtrade.client.OfflineForecaster`.
+
+    No text tokenizer (prompts are ReturnTokenizer ids), prefix caching (every new bar re-uses the cached
+    history), block size 32, fp32, and ``max_logprobs`` covering the whole vocabulary (a horizon-1 forecast reads
+    the full next-bar distribution). Prompts are prefilled whole, never in chunks: vLLM rewinds the seeded
+    generator of a request whose prompt was prefilled in part, CPU generators cannot rewind, and one request with
+    a ``seed`` and a long prompt would otherwise kill the engine.
+    """
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return {
+        "skip_tokenizer_init": True,
+        "enable_prefix_caching": True,
+        "block_size": CPU_BLOCK_SIZE,
+        "dtype": "float32",
+        "max_logprobs": ReturnTokenizer.from_pretrained(checkpoint).vocab_size,
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": config["max_position_embeddings"],
+    }
+
+
 def server_command(
     checkpoint: str | os.PathLike,
     host: str = DEFAULT_HOST,
@@ -136,28 +157,31 @@ def server_command(
 ) -> list[str]:
     """Command line of vLLM's OpenAI-compatible server for a KVTrade checkpoint.
 
-    The CPU build's ``vllm`` script is broken, so this runs the module. Prefix caching is on (every new bar
-    re-uses the cached history), ``max_logprobs`` covers the whole vocabulary (a horizon-1 forecast reads the
-    full next-bar distribution), and usage reports cached prompt tokens.
+    The CPU build's ``vllm`` script is broken, so this runs the module with ``engine_settings`` as flags; usage
+    reports cached prompt tokens.
     """
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").exists():
         raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no config.json")
-    vocab_size = ReturnTokenizer.from_pretrained(checkpoint).vocab_size
+    settings = engine_settings(checkpoint)
+    settings["dtype"] = dtype
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(checkpoint),
         "--served-model-name", served_model_name or checkpoint.name,
         "--host", host,
         "--port", str(port),
-        "--skip-tokenizer-init",
-        "--enable-prefix-caching",
-        "--block-size", str(CPU_BLOCK_SIZE),
-        "--dtype", dtype,
-        "--max-logprobs", str(vocab_size),
         "--enable-prompt-tokens-details",
         "--middleware", f"{PromptGuard.__module__}.{PromptGuard.__qualname__}",
     ]  # fmt: skip
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is False:
+            command.append(flag.replace("--", "--no-", 1))
+        else:
+            command += [flag, str(value)]
     if api_key:
         command += ["--api-key", api_key]
     if enforce_eager:

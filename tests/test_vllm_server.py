@@ -124,6 +124,16 @@ def test_sampled_forecasts_for_a_batch_of_series(client):
         assert np.all(np.diff(forecast.return_quantiles, axis=1) >= 0)
 
 
+def test_seeded_samples_of_long_histories_keep_the_server_alive(client, assert_still_serving):
+    """vLLM rewinds the generator of a seeded request prefilled in part, which the CPU engine cannot do: the
+    server prefills prompts whole so that a seed and long prompts never meet a partial prefill."""
+    series = [random_prices(1900, seed=20 + index) for index in range(3)]
+    first = client.predict_batch(series, horizon=4, num_samples=8, seed=123)
+    second = client.predict_batch(series, horizon=4, num_samples=8, seed=123)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.paths, b.paths)
+
+
 def test_logprobs_of_the_top_tokens(client):
     prompt = client.encode_context(random_prices(50, seed=4))
     response = client.complete([prompt], max_tokens=3, logprobs=5, n=2)
