@@ -153,7 +153,8 @@ class StreamingForecaster:
         tokenizer: defaults to the tokenizer of the model's config.
         cache_policy: one of ``CACHE_POLICIES``.
         memory_budget_bytes: cap on the bytes of all session caches together (the shared prefix counted once).
-        context_length: most positions a session may use; defaults to ``config.max_position_embeddings``.
+        context_length: most positions a session may use; defaults to ``config.training_context_length`` (the
+            trained window) when set, else ``config.max_position_embeddings``.
         sliding_window: tokens of the symbol kept when a ``full`` or quantized session reaches the context length;
             defaults to half of it.
         signal_rule: turns each forecast into a ``Signal``.
@@ -188,7 +189,10 @@ class StreamingForecaster:
                 f"tokenizer has {self.tokenizer.vocab_size} ids but the model has vocab_size {self.config.vocab_size}"
             )
         self.cache_policy = cache_policy
-        self.context_length = int(context_length or self.config.max_position_embeddings)
+        # A trained checkpoint knows its window; positions beyond it were never seen in training.
+        self.context_length = int(
+            context_length or self.config.training_context_length or self.config.max_position_embeddings
+        )
         if not 2 <= self.context_length <= self.config.max_position_embeddings:
             raise ValueError(
                 f"context_length must lie in [2, {self.config.max_position_embeddings}] (the model's "

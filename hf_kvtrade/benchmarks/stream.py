@@ -53,7 +53,13 @@ def run(args) -> int:
 
     results = {}
     for context in args.contexts:
-        engine = StreamingForecaster(model, tokenizer, cache_policy=args.policy, compile=args.compile)
+        engine = StreamingForecaster(
+            model,
+            tokenizer,
+            cache_policy=args.policy,
+            compile=args.compile,
+            context_length=max_context,
+        )
         engine.prime("bench", prices[: context - ticks])
         cpu_ms = []
         for price in prices[context - ticks : context]:
