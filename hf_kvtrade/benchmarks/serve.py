@@ -1,8 +1,9 @@
 """vLLM vs Transformers: sampled-forecast throughput, and time to first token for a new bar, prefix cached vs cold.
 
 (a) Throughput: forecasts per second for SYMBOLS price histories of BARS bars, each forecast being PATHS sampled
-paths of STEPS bars; Transformers batched `generate` (one symbol's paths per batch) against vLLM's offline engine
-(all symbols in one batch, paged KV cache, the paths of a symbol sharing its prompt's KV blocks).
+paths of STEPS bars; Transformers batched `generate` (one symbol's paths per batch, the history prefilled once
+and its cache repeated, as `Forecaster.sample_paths` does) against vLLM's offline engine (all symbols in one
+batch, paged KV cache, the paths of a symbol sharing its prompt's KV blocks).
 (b) Prefix caching: latency of a one-token request for the history plus one new bar, when the history's KV blocks
 are in vLLM's prefix cache (warm, the streaming case) and when the cache was just reset (cold).
 
