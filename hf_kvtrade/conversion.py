@@ -63,20 +63,19 @@ def uptrain(
     """Continues training ``model`` in place on the training-period windows of ``frames``; returns the loss log.
 
     ``hf_kvtrade.training.train`` always starts from fresh weights, so this runs the same ``Trainer`` on the same
-    ``token_windows`` starting from the pooled ones, with a constant learning rate after a short warmup (a
+    ``trainer_windows`` starting from the pooled ones, with a constant learning rate after a short warmup (a
     brief run has no room for a decay schedule) and no checkpoints.
     """
     import tempfile
 
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from .data import token_windows
+    from .training import trainer_windows
 
     if max_steps < 1:
         raise ValueError(f"uptraining needs at least one step, got {max_steps}")
     set_seed(seed)
-    windows = token_windows(frames, tokenizer, window_length)["train"]
-    windows = windows.remove_columns(["series", "start"]).with_format("torch")
+    windows = trainer_windows(frames, tokenizer, window_length)["train"]
     model.train()
     with tempfile.TemporaryDirectory(prefix="kvtrade-uptrain-") as scratch:
         arguments = TrainingArguments(

@@ -50,6 +50,12 @@ def describe_periods(frames: dict[str, pd.DataFrame], fractions=PERIOD_FRACTIONS
     return rows
 
 
+def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer, window_length: int, **kwargs):
+    """``token_windows`` as the Trainer takes them: ``input_ids``/``labels`` tensors, bookkeeping columns dropped."""
+    windows = token_windows(frames, tokenizer, window_length, **kwargs)
+    return windows.remove_columns(["series", "start"]).with_format("torch")
+
+
 def train(
     config: KVTradeConfig,
     frames: dict[str, pd.DataFrame],
@@ -81,8 +87,7 @@ def train(
         raise ValueError("no training data: pass at least one price series")
     set_seed(seed)
     tokenizer = ReturnTokenizer.from_config(config)
-    windows = token_windows(frames, tokenizer, window_length, train_stride=train_stride)
-    windows = windows.remove_columns(["series", "start"]).with_format("torch")
+    windows = trainer_windows(frames, tokenizer, window_length, train_stride=train_stride)
     model = KVTradeForCausalLM(config)
 
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
