@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..presets import SHIPPED_CHECKPOINT
 from ._common import machine_info, write_json
 
-DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
 SUMMARY_LAGS = (1, 5, 20, 60)
 
 
@@ -32,7 +32,7 @@ def load_model(checkpoint: str | Path):
 
 
 def measure(
-    checkpoint: str | Path = DEFAULT_CHECKPOINT,
+    checkpoint: str | Path = SHIPPED_CHECKPOINT,
     series: str = "sp500",
     context_length: int = 256,
     out_dir: str | Path | None = None,
@@ -116,7 +116,7 @@ def plot(result: dict, window, path: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for attention_map.png and attention_map.json")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", default="sp500", help="bundled series (default: %(default)s)")
     parser.add_argument("--context-length", type=int, default=256, help="bars of context (default: %(default)s)")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..presets import SHIPPED_CHECKPOINT
+
 POLICIES = ("full", "int8", "int4", "sink", "selective")
 REPORTED_TICKS = (4_096, 16_384)
 BYTES_CHUNK = 512
@@ -33,7 +35,7 @@ BOUNDED_CHUNK = 32
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", help="write all numbers to this JSON file")
-    parser.add_argument("--checkpoint", default="checkpoints/kvtrade-small", help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--eval-ticks", type=int, default=2_048, help="ticks fed one at a time for NLL and latency")
     parser.add_argument("--grow-ticks", type=int, default=16_384, help="ticks streamed through the growing caches")
     parser.add_argument("--long-ticks", type=int, default=100_000, help="ticks streamed through the bounded caches")
@@ -134,8 +136,6 @@ def _delta_pct(value: float, reference: float) -> float:
 
 
 def run(args) -> int:
-    import torch
-
     from ..cache import build_cache, track_attention
     from ..tokenization_kvtrade import ReturnTokenizer
     from ._common import machine_info, percentile_ms, write_json

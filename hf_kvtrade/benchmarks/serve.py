@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("checkpoints/kvtrade-small")
+from ..presets import SHIPPED_CHECKPOINT
+
 QUICK_SYMBOLS = 4
 
 
@@ -24,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument(
         "--checkpoint",
-        default=str(DEFAULT_CHECKPOINT),
+        default=str(SHIPPED_CHECKPOINT),
         help="model folder (default: %(default)s; a random small-preset model when it does not exist)",
     )
     parser.add_argument("--symbols", type=int, default=64)

@@ -10,12 +10,14 @@ wall-clock p50 includes waiting for a core; ``incremental_cpu_p50_ms`` (thread C
 
 from __future__ import annotations
 
+from ..presets import SHIPPED_CHECKPOINT
+
 DEFAULT_CONTEXTS = (256, 1024, 4096, 8192)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", required=True, help="where to write the results")
-    parser.add_argument("--checkpoint", default="checkpoints/kvtrade-small", help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     parser.add_argument("--ticks", type=int, default=200, help="timed ticks per context (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed full recomputes per context")

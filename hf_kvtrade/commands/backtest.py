@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+from ..presets import SHIPPED_CHECKPOINT
+
 DEFAULT_SERIES = ("sp500", "nasdaq", "eurusd_h1")
 DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj")
 
@@ -10,7 +11,7 @@ DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("backtest", help="walk-forward backtest with baselines; writes JSON and PNGs")
     parser.add_argument("--out", required=True, help="folder for report.json and the plots")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", nargs="+", default=list(DEFAULT_SERIES), help="bundled series traded one by one")
     parser.add_argument(
         "--portfolio", nargs="*", default=list(DEFAULT_PORTFOLIO), help="bundled series of the multi-asset book"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .backtest import DEFAULT_CHECKPOINT
+from ..presets import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="forecast, stream and backtest the shipped model on bundled data")
     parser.add_argument("--out", default="out", help="folder for the backtest report and plots (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--stream-bars", type=int, default=40, help="bars replayed by the streaming step")
     parser.set_defaults(func=run)
 

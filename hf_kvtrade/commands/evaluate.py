@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+from ..presets import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score next-bar forecasts against baselines on the test period")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", default="heldout",
                         help="comma-separated bundled series, 'all', or 'heldout': those whose test period starts after "
                              "every same-frequency series' training period (default: %(default)s)")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-DEFAULT_CHECKPOINT = "checkpoints/kvtrade-small"
+from ..presets import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("forecast", help="forecast the next bars of a price series")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--csv", help="CSV file with a price column (default: the bundled S&P 500 series)")
     parser.add_argument("--column", default="close", help="price column of --csv (default: %(default)s)")
     parser.add_argument("--horizon", type=int, default=1)
