@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.configuration_utils import PreTrainedConfig
 
+from .context import ContextPolicy
 from .modeling_kvtrade import KVTradeRotaryEmbedding, rotate_half
 
 CACHE_POLICIES = ("full", "int8", "int4", "sink", "selective")
@@ -448,15 +449,27 @@ class SinkKVCache(KVPolicyCache):
     removed Transformers `SinkCache` did; feed one tick at a time for exact StreamingLLM behaviour.
 
     ```python
-    >>> cache = SinkKVCache(model.config, num_sink_tokens=4, window=1020)
+    By default the sinks, the window and the query together fill the context policy's window (the checkpoint's
+    trained window), so the attention span is the one the model was trained on.
+
+    ```python
+    >>> cache = SinkKVCache(model.config, num_sink_tokens=4)
     >>> for tick in stream:
     ...     logits = model(tick.view(1, 1), past_key_values=cache).logits
     ```"""
 
-    def __init__(self, config: PreTrainedConfig, num_sink_tokens: int = 4, window: int = 1020):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        num_sink_tokens: int = 4,
+        window: int | None = None,
+        context_policy: ContextPolicy | None = None,
+    ):
         config = _decoder_config(config)
         if num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
+        if window is None:
+            window = (context_policy or ContextPolicy.from_config(config)).window - 1 - num_sink_tokens
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         rotary_embedding = KVTradeRotaryEmbedding(config)
@@ -486,7 +499,9 @@ class SelectiveKVCache(KVPolicyCache):
     pass used. The cache evicts right after each layer's attention, so the budget holds between forward passes.
     ``"recency"`` needs neither the hooks nor eager attention.
 
-    Kept keys keep their original rotation, so a heavy hitter from far back is seen at its true distance.
+    Kept keys keep their original rotation, so a heavy hitter from far back is seen at its true distance; a stream
+    therefore rebases by the context policy as the full cache does. The default budget is a quarter of the
+    policy's window.
 
     ```python
     >>> model.set_attn_implementation("eager")
@@ -495,8 +510,17 @@ class SelectiveKVCache(KVPolicyCache):
     >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=16)
     ```"""
 
-    def __init__(self, config: PreTrainedConfig, budget: int = 1024, policy: str = "hybrid", num_sink_tokens: int = 4):
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int | None = None,
+        policy: str = "hybrid",
+        num_sink_tokens: int = 4,
+        context_policy: ContextPolicy | None = None,
+    ):
         config = _decoder_config(config)
+        if budget is None:
+            budget = (context_policy or ContextPolicy.from_config(config)).window // 4
         if policy not in SELECTIVE_POLICIES:
             raise ValueError(f"policy must be one of {SELECTIVE_POLICIES}, got {policy!r}")
         if num_sink_tokens < 0:

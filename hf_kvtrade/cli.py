@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except FileNotFoundError as error:
+        # A missing checkpoint or data file: say which, without a traceback.
+        raise SystemExit(f"kvtrade {args.command}: {error}") from None
 
 
 if __name__ == "__main__":

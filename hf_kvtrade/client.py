@@ -1,7 +1,8 @@
 """Prices in, forecast out, through vLLM: over HTTP (`ForecastClient`) or in-process for batch jobs
 (`OfflineForecaster`).
 
-Both return the Transformers `Forecaster`'s `Forecast`. Horizon 1 reads the whole next-bar distribution from the
+Both return the Transformers `Forecaster`'s `Forecast`, from the same tokens: prompts follow the checkpoint's
+`ContextPolicy`, and the engine's ``max_model_len`` is the policy's window. Horizon 1 reads the whole next-bar distribution from the
 logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
 exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampling
 from the full distribution over return bins only, as `Forecaster.sample_paths` does.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .context import ContextPolicy
 from .distribution import BinnedDistribution
 from .forecasting import DEFAULT_QUANTILES, Forecast
 from .tokenization_kvtrade import ReturnTokenizer
@@ -24,7 +26,7 @@ class _VLLMForecasting(ABC):
     """What both paths share: prompts from prices and forecasts from vLLM's outputs."""
 
     tokenizer: ReturnTokenizer
-    context_length: int
+    context_policy: ContextPolicy
 
     def predict(
         self,
@@ -51,8 +53,6 @@ class _VLLMForecasting(ABC):
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         if horizon > 1 and num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        if horizon >= self.context_length:
-            raise ValueError(f"horizon {horizon} leaves no room for history in a context of {self.context_length}")
         series = [np.asarray(prices, dtype=np.float64) for prices in series]
         prompts = [self.encode_context(prices, horizon) for prices in series]
         last_prices = [float(prices[-1]) for prices in series]
@@ -68,8 +68,15 @@ class _VLLMForecasting(ABC):
         ]
 
     def encode_context(self, prices, horizon: int = 1) -> list[int]:
-        """Token ids of the most recent bars that leave room for ``horizon`` generated ones in the context."""
-        return self.tokenizer.encode(prices)[-(self.context_length - horizon) :].tolist()
+        """The context policy's token ids of ``prices`` for a ``horizon``-bar forecast (what `Forecaster` feeds)."""
+        return self.context_policy.select(self.tokenizer.encode(prices), horizon).tolist()
+
+    def _check_max_model_len(self, max_model_len: int, where: str) -> None:
+        if max_model_len != self.context_policy.window:
+            raise ValueError(
+                f"{where} runs with max_model_len {max_model_len}, but the checkpoint's context policy has a "
+                f"{self.context_policy.window}-token window: serve it with `kvtrade serve`, which sets it"
+            )
 
     @property
     def return_bin_ids(self) -> list[int]:
@@ -94,19 +101,20 @@ class _VLLMForecasting(ABC):
 class ForecastClient(_VLLMForecasting):
     """Forecasts from a running `kvtrade serve` server over its OpenAI-compatible `/v1/completions`.
 
-    >>> client = ForecastClient("http://127.0.0.1:8000/v1", tokenizer=ReturnTokenizer.from_pretrained(checkpoint))
+    >>> client = ForecastClient("http://127.0.0.1:8000/v1", checkpoint)
     >>> client.predict(prices, horizon=1).prob_up
 
-    ``tokenizer`` must be the served checkpoint's (the default is the default grid, which `KVTradeConfig()`
-    uses). ``model`` defaults to the one model the server serves; the context length is the server's.
+    ``checkpoint`` is the served checkpoint's folder: its tokenizer and context policy turn prices into prompts
+    (only its JSON files are read). The server's ``max_model_len`` must be the policy's window. ``model``
+    defaults to the one model the server serves.
     """
 
     def __init__(
         self,
         base_url: str,
+        checkpoint: str | os.PathLike,
         api_key: str | None = None,
         model: str | None = None,
-        tokenizer: ReturnTokenizer | None = None,
         timeout: float = 120.0,
     ):
         from openai import OpenAI
@@ -117,8 +125,9 @@ class ForecastClient(_VLLMForecasting):
         self.model = model or next(iter(served))
         if self.model not in served:
             raise ValueError(f"the server at {base_url} serves {sorted(served)}, not {self.model!r}")
-        self.context_length = served[self.model].model_extra["max_model_len"]
-        self.tokenizer = tokenizer or ReturnTokenizer()
+        self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
+        self.context_policy = ContextPolicy.from_pretrained(checkpoint)
+        self._check_max_model_len(served[self.model].model_extra["max_model_len"], f"the server at {base_url}")
 
     def complete(self, prompts: list[list[int]], **params):
         """One `/v1/completions` call for a batch of token-id prompts; results come back as token ids."""
@@ -169,11 +178,12 @@ class OfflineForecaster(_VLLMForecasting):
         from .serving import engine_settings
 
         self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
+        self.context_policy = ContextPolicy.from_pretrained(checkpoint)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         settings = engine_settings(checkpoint)
         settings.update(llm_kwargs)
         self.llm = LLM(model=str(checkpoint), **settings)
-        self.context_length = self.llm.llm_engine.model_config.max_model_len
+        self._check_max_model_len(self.llm.llm_engine.model_config.max_model_len, "this engine")
 
     def generate(self, prompts: list[list[int]], sampling_params):
         from vllm.inputs import TokensPrompt

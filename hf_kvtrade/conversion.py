@@ -55,7 +55,6 @@ def uptrain(
     tokenizer,
     frames: dict,
     max_steps: int,
-    window_length: int = 256,
     batch_size: int = 8,
     learning_rate: float = 3e-4,
     seed: int = 0,
@@ -70,12 +69,13 @@ def uptrain(
 
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
+    from .context import ContextPolicy
     from .training import trainer_windows
 
     if max_steps < 1:
         raise ValueError(f"uptraining needs at least one step, got {max_steps}")
     set_seed(seed)
-    windows = trainer_windows(frames, tokenizer, window_length)["train"]
+    windows = trainer_windows(frames, tokenizer, ContextPolicy.from_config(model.config))["train"]
     model.train()
     with tempfile.TemporaryDirectory(prefix="kvtrade-uptrain-") as scratch:
         arguments = TrainingArguments(
@@ -107,7 +107,6 @@ def convert_checkpoint(
     num_key_value_heads: int,
     frames: dict,
     uptrain_steps: int = 0,
-    context_length: int = 256,
     **uptrain_kwargs,
 ) -> dict:
     """Pools ``source`` to ``num_key_value_heads`` KV heads, optionally uptrains it, and saves it to ``destination``.
@@ -123,7 +122,7 @@ def convert_checkpoint(
     tokenizer = source_forecaster.tokenizer
 
     def test_nll(model) -> dict:
-        results = evaluate(frames, model, tokenizer, context_length)
+        results = evaluate(frames, model, tokenizer)
         return {"nll": results["models"]["kvtrade"]["nll"], "num_bars": results["num_bars"], "models": results["models"]}
 
     source_heads = source_forecaster.model.config.num_key_value_heads
@@ -134,7 +133,7 @@ def convert_checkpoint(
         "source_kv_heads": source_heads,
         "kv_heads": num_key_value_heads,
         "num_attention_heads": source_forecaster.model.config.num_attention_heads,
-        "context_length": context_length,
+        "context_policy": vars(source_forecaster.context_policy),
         "series": sorted(frames),
         "num_test_bars": source_scores["num_bars"],
         "baseline_nll": {
@@ -146,7 +145,7 @@ def convert_checkpoint(
     report["nll"]["converted"] = test_nll(converted)["nll"]
     if uptrain_steps:
         report["uptrain_steps"] = uptrain_steps
-        report["uptrain_log"] = uptrain(converted, tokenizer, frames, uptrain_steps, window_length=context_length, **uptrain_kwargs)
+        report["uptrain_log"] = uptrain(converted, tokenizer, frames, uptrain_steps, **uptrain_kwargs)
         report["nll"]["uptrained"] = test_nll(converted)["nll"]
     Forecaster(converted, tokenizer).save_pretrained(destination)
     return report

@@ -17,8 +17,8 @@ Test periods are held out in calendar time too: :func:`heldout_series_names` kee
 starts after the training period of every series of the same bar frequency has ended, so a model trained on one
 stock's 2012 bars is never scored on another listing of that stock (or a correlated index) in 2012.
 
-The model reads a sliding context of its training length: one forward pass over a window gives the next-bar
-distribution at every position, and only positions with at least half a window of context are scored.
+The model reads the contexts of its checkpoint's :class:`~hf_kvtrade.context.ContextPolicy`, the ones it gets in
+serving: one forward pass over a policy window gives the next-bar distribution of every target sharing its anchor.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
+from .context import ContextPolicy
 from .data.windows import split_periods, tokenize_period
 from .distribution import BinnedDistribution
 
@@ -133,33 +134,31 @@ def unconditional_forecast(returns: np.ndarray, test_start: int) -> StudentTFore
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context_length: int, batch_size: int = 16):
+def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context_policy: ContextPolicy, batch_size: int = 16):
     """``BinnedDistribution`` of ``ids[k]`` for every ``k >= first_target``, KV-cache free and batched.
 
-    Windows of ``context_length`` tokens advance by half a window; each scores the tokens in its second half,
-    so every target sees between half a window and a whole window of context.
+    Each target conditions on the tokens ``context_policy`` gives a history of ``k`` tokens, the context every
+    serving path uses; one forward pass over a policy window scores all the targets that share its anchor.
     """
     import torch
 
-    stride = max(context_length // 2, 1)
-    chunks = [(start, min(start + stride, len(ids))) for start in range(first_target, len(ids), stride)]
     probs = np.empty((len(ids) - first_target, tokenizer.num_bins))
-    windows = [(max(0, end - 1 - context_length), start, end) for start, end in chunks]
-    # Windows of equal length batch together; only those near the series start are shorter.
-    for length in sorted({end - 1 - first for first, _, end in windows}):
-        group = [window for window in windows if window[2] - 1 - window[0] == length]
+    windows = context_policy.scoring_windows(len(ids), first_target)
+    # Windows of equal length batch together; only the first and the last can be shorter.
+    for length in sorted({end - start for start, end, _ in windows}):
+        group = [window for window in windows if window[1] - window[0] == length]
         for batch_start in range(0, len(group), batch_size):
             batch = group[batch_start : batch_start + batch_size]
-            input_ids = torch.as_tensor(np.stack([ids[first : end - 1] for first, _, end in batch]))
+            input_ids = torch.as_tensor(np.stack([ids[start : end - 1] for start, end, _ in batch]))
             with torch.inference_mode():
                 logits = model(input_ids=input_ids).logits.float()
             token_probs = torch.softmax(logits, dim=-1)[..., tokenizer.first_bin_id :].numpy()
-            for row, (first, start, end) in enumerate(batch):
-                probs[start - first_target : end - first_target] = token_probs[row, start - first - 1 : end - first - 1]
+            for row, (start, end, first_scored) in enumerate(batch):
+                probs[first_scored - first_target : end - first_target] = token_probs[row, first_scored - start - 1 :]
     return BinnedDistribution(probs, tokenizer.bin_edges)
 
 
-def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, context_length: int = 256, volatility_window: int = 20):
+def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, volatility_window: int = 20):
     """Metrics of every model on the test period of one series, plus the raw returns (for pooling).
 
     Targets are the returns that end on a test-period bar; every forecast conditions on earlier bars only
@@ -178,7 +177,8 @@ def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, context_len
     }
     if model is not None:
         ids = tokenize_period(frame, tokenizer)  # ids[k + 1] is the token of returns[k]
-        forecasts = {"kvtrade": model_forecast(model, tokenizer, ids, test_start + 1, context_length), **forecasts}
+        policy = ContextPolicy.from_config(model.config)
+        forecasts = {"kvtrade": model_forecast(model, tokenizer, ids, test_start + 1, policy), **forecasts}
     return {name: per_bar_scores(forecast, target) for name, forecast in forecasts.items()}, target
 
 
@@ -194,12 +194,12 @@ def per_bar_scores(forecast, returns: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None, context_length: int = 256) -> dict:
+def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dict:
     """Pooled (every test bar of every series weighs the same) and per-series metrics, as a JSON-ready dict."""
     pooled: dict[str, dict[str, list]] = {}
     per_series = {}
     for name, frame in frames.items():
-        bars, target = evaluate_series(frame, model, tokenizer, context_length)
+        bars, target = evaluate_series(frame, model, tokenizer)
         per_series[name] = {
             "num_bars": len(target),
             "models": {model_name: _means(terms) for model_name, terms in bars.items()},
@@ -210,7 +210,7 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None, contex
     models = {name: _means({metric: np.concatenate(parts) for metric, parts in terms.items()}) for name, terms in pooled.items()}
     return {
         "num_bars": sum(entry["num_bars"] for entry in per_series.values()),
-        "context_length": context_length,
+        "context_policy": None if model is None else vars(ContextPolicy.from_config(model.config)),
         "models": models,
         "series": per_series,
     }
@@ -261,7 +261,7 @@ def update_model_card(checkpoint, results: dict, command: str):
     section = (
         f"{EVALUATION_HEADING}\n\n```bash\n{command}\n```\n\n"
         f"Next-bar forecasts on {results['num_bars']} test bars of {len(results['series'])} series "
-        f"({', '.join(results['series'])}), context {results['context_length']} bars. NLL in nats per bar "
+        f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. NLL in nats per bar "
         "(lower is better), CRPS in log-return units (lower is better), interval coverage (ideal 0.5 and 0.9), "
         "direction accuracy. Baselines are described in docs/data.md.\n\n"
         "| model | NLL | CRPS | coverage 50% | coverage 90% | direction |\n|---|---|---|---|---|---|\n" + rows

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .context import ContextPolicy
 from .distribution import BinnedDistribution
 from .modeling_kvtrade import KVTradeForCausalLM
+from .checkpoint import load_checkpoint
 from .tokenization_kvtrade import ReturnTokenizer
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -91,6 +93,7 @@ class Forecaster:
 
     def __init__(self, model: KVTradeForCausalLM, tokenizer: ReturnTokenizer | None = None):
         self.model = model.eval()
+        self.context_policy = ContextPolicy.from_config(model.config)
         self.tokenizer = tokenizer or ReturnTokenizer.from_config(model.config)
         if self.tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(
@@ -100,23 +103,16 @@ class Forecaster:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **model_kwargs) -> "Forecaster":
-        model = KVTradeForCausalLM.from_pretrained(path, **model_kwargs)
-        return cls(model, ReturnTokenizer.from_pretrained(path))
+        return cls(*load_checkpoint(path, **model_kwargs))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes a self-contained checkpoint: weights, config, model code (for trust_remote_code) and tokenizer."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
-    @property
-    def context_length(self) -> int:
-        """Bars of history fed to the model: the trained window when known, else every position it accepts."""
-        config = self.model.config
-        return config.training_context_length or config.max_position_embeddings
-
-    def encode_context(self, prices) -> torch.Tensor:
-        """Token ids of the most recent ``context_length`` bars, as a (1, n) tensor on the model's device."""
-        ids = self.tokenizer.encode(prices)[-self.context_length :]
+    def encode_context(self, prices, horizon: int = 1) -> torch.Tensor:
+        """The context policy's tokens of ``prices`` for a ``horizon``-bar forecast, as a (1, n) tensor."""
+        ids = self.context_policy.select(self.tokenizer.encode(prices), horizon)
         return torch.as_tensor(ids, device=self.model.device).unsqueeze(0)
 
     @torch.inference_mode()
@@ -136,7 +132,7 @@ class Forecaster:
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
         prices = np.asarray(prices, dtype=np.float64)
-        input_ids = self.encode_context(prices)
+        input_ids = self.encode_context(prices, horizon)
         last_price = float(prices[-1])
         if horizon == 1:
             distribution = BinnedDistribution.from_token_probs(self.next_token_probs(input_ids)[0], self.tokenizer)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
 from .configuration_kvtrade import KVTradeConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# The trained model that ships with the repository; commands default to it from any working directory.
-SHIPPED_CHECKPOINT = CONFIG_DIR.parent / "checkpoints" / "kvtrade-small"
+# Package data: the repository's top-level configs/, installed as hf_kvtrade.configs.
+CONFIG_DIR = Path(str(files("hf_kvtrade.configs")))
 ATTENTION_FLAVOURS = ("mha", "gqa", "mqa")
 
 
@@ -39,4 +39,4 @@ def load_preset(name: str, attention: str = "gqa", kv_heads: int | None = None, 
     return KVTradeConfig(**settings)
 
 
-__all__ = ["ATTENTION_FLAVOURS", "SHIPPED_CHECKPOINT", "available_presets", "load_preset"]
+__all__ = ["ATTENTION_FLAVOURS", "available_presets", "load_preset"]

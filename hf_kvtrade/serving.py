@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
+from .checkpoint import checkpoint_dir
+from .context import ContextPolicy
 from .tokenization_kvtrade import ReturnTokenizer
 
 DEFAULT_HOST = "127.0.0.1"
@@ -25,6 +26,8 @@ MAX_SAMPLES_ENV = "KVTRADE_MAX_SAMPLES"
 GUARDED_PATHS = ("/v1/completions",)
 # The CPU attention backend only accepts block sizes that are multiples of 32.
 CPU_BLOCK_SIZE = 32
+# Tokens the engine may schedule in one step: many whole prompts of the policy's window at once.
+MAX_BATCHED_TOKENS = 8192
 
 
 class PromptGuard:
@@ -128,21 +131,23 @@ async def _reject(message: str, parameter: str, scope, receive, send) -> None:
 def engine_settings(checkpoint: str | os.PathLike) -> dict:
     """vLLM engine arguments shared by `kvtrade serve` and `hf_kvtrade.client.OfflineForecaster`.
 
-    No text tokenizer (prompts are ReturnTokenizer ids), prefix caching (every new bar re-uses the cached
+    ``max_model_len`` is the checkpoint's context-policy window, so no prompt plus its forecast reaches a
+    position the model was not trained on. No text tokenizer (prompts are ReturnTokenizer ids), prefix caching (every new bar re-uses the cached
     history), block size 32, fp32, and ``max_logprobs`` covering the whole vocabulary (a horizon-1 forecast reads
     the full next-bar distribution). Prompts are prefilled whole, never in chunks: vLLM rewinds the seeded
     generator of a request whose prompt was prefilled in part, CPU generators cannot rewind, and one request with
     a ``seed`` and a long prompt would otherwise kill the engine.
     """
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    window = ContextPolicy.from_pretrained(checkpoint).window
     return {
+        "max_model_len": window,
         "skip_tokenizer_init": True,
         "enable_prefix_caching": True,
         "block_size": CPU_BLOCK_SIZE,
         "dtype": "float32",
         "max_logprobs": ReturnTokenizer.from_pretrained(checkpoint).vocab_size,
         "enable_chunked_prefill": False,
-        "max_num_batched_tokens": config["max_position_embeddings"],
+        "max_num_batched_tokens": max(MAX_BATCHED_TOKENS, window),
     }
 
 
@@ -160,9 +165,7 @@ def server_command(
     The CPU build's ``vllm`` script is broken, so this runs the module with ``engine_settings`` as flags; usage
     reports cached prompt tokens.
     """
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").exists():
-        raise ValueError(f"{checkpoint} is not a checkpoint folder: it has no config.json")
+    checkpoint = checkpoint_dir(checkpoint)
     settings = engine_settings(checkpoint)
     settings["dtype"] = dtype
     command = [
@@ -198,7 +201,7 @@ def server_environment(max_samples: int = DEFAULT_MAX_SAMPLES) -> dict[str, str]
     return environment
 
 
-def usage_instructions(host: str, port: int, model: str, api_key: str | None) -> str:
+def usage_instructions(host: str, port: int, model: str, api_key: str | None, checkpoint: str | os.PathLike) -> str:
     """How to call a running server, with curl and with the Python client."""
     base_url = f"http://{host}:{port}/v1"
     auth_header = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
@@ -211,7 +214,7 @@ Serving {model} at {base_url} (OpenAI-compatible; prompts are ReturnTokenizer to
          "return_tokens_as_token_ids": true}}'
 
   from hf_kvtrade.client import ForecastClient
-  client = ForecastClient("{base_url}"{api_key_arg})
+  client = ForecastClient("{base_url}", "{checkpoint}"{api_key_arg})
   forecast = client.predict(prices, horizon=1)          # exact next-bar distribution
   forecast = client.predict(prices, horizon=8, num_samples=256)  # sampled paths
 """

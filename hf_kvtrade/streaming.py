@@ -9,9 +9,12 @@ one-token step on a CPU; the other policies (``int8``, ``int4``, ``sink``, ``sel
 Sessions share the engine's memory budget: when a new cache would not fit, the least recently used session drops
 its cache (its token history stays) and is re-prefilled from that history when its symbol returns.
 
-Past the context length, ``sink`` and ``selective`` caches keep bounded memory by themselves. The ``full`` and
-quantized policies slide instead: the cache is rebuilt from the market prefix plus the last ``sliding_window``
-tokens of the symbol, which is exactly what a stateless forecaster truncating its input would see.
+Which tokens a session conditions on is the checkpoint's :class:`~hf_kvtrade.context.ContextPolicy`, the rule
+``Forecaster`` and the vLLM clients follow too: between rebases a tick appends one token to the cache, and when the
+policy's anchor moves the cache is rebuilt from the new anchor. A session therefore gives, at every bar, the
+forecast a stateless ``Forecaster`` gives for the same prices. Only the ``sink`` cache departs from it on purpose:
+it is the alternative for endless streams without rebase ticks, sized so that no query-key distance exceeds the
+policy's window.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from .cache import CACHE_POLICIES, build_cache, track_attention
+from .context import ContextPolicy
 from .distribution import BinnedDistribution
 from .forecasting import DEFAULT_QUANTILES, Forecast
 from .signals import Signal, SignalRule
 from .tokenization_kvtrade import ReturnTokenizer
 
-# Policies whose caches bound their own size, so a session can run past the context length without sliding.
-BOUNDED_POLICIES = ("sink", "selective")
+# Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
+BOUNDED_POLICIES = ("sink",)
 
 
 class PreallocatedKVLayer(StaticLayer):
@@ -136,8 +140,12 @@ class _Session:
     last_timestamp: Any = None
     cache: Cache | None = None
     last_logits: torch.Tensor | None = None
-    # Number of the symbol's tokens (from the end of token_ids) held by the cache after the market prefix.
-    tokens_in_cache: int = 0
+    # Index in token_ids of the first token the cache holds after the market prefix (the policy's anchor).
+    anchor: int = 0
+
+    @property
+    def tokens_in_cache(self) -> int:
+        return 0 if self.cache is None else len(self.token_ids) - self.anchor
 
 
 class StreamingForecaster:
@@ -153,10 +161,8 @@ class StreamingForecaster:
         tokenizer: defaults to the tokenizer of the model's config.
         cache_policy: one of ``CACHE_POLICIES``.
         memory_budget_bytes: cap on the bytes of all session caches together (the shared prefix counted once).
-        context_length: most positions a session may use; defaults to ``config.training_context_length`` (the
-            trained window) when set, else ``config.max_position_embeddings``.
-        sliding_window: tokens of the symbol kept when a ``full`` or quantized session reaches the context length;
-            defaults to half of it.
+        context_policy: which tokens a forecast conditions on; defaults to the checkpoint's
+            (``ContextPolicy.from_config``), the rule every other path follows.
         signal_rule: turns each forecast into a ``Signal``.
         cache_kwargs: passed to ``hf_kvtrade.cache.build_cache`` for the non-``full`` policies.
         compile: compile the one-token decode step with ``torch.compile`` (``full`` policy only).
@@ -170,8 +176,7 @@ class StreamingForecaster:
         tokenizer: ReturnTokenizer | None = None,
         cache_policy: str = "full",
         memory_budget_bytes: int | None = None,
-        context_length: int | None = None,
-        sliding_window: int | None = None,
+        context_policy: ContextPolicy | None = None,
         quantiles=DEFAULT_QUANTILES,
         signal_rule: SignalRule | None = None,
         cache_kwargs: Mapping[str, Any] | None = None,
@@ -189,20 +194,13 @@ class StreamingForecaster:
                 f"tokenizer has {self.tokenizer.vocab_size} ids but the model has vocab_size {self.config.vocab_size}"
             )
         self.cache_policy = cache_policy
-        # A trained checkpoint knows its window; positions beyond it were never seen in training.
-        self.context_length = int(
-            context_length or self.config.training_context_length or self.config.max_position_embeddings
-        )
-        if not 2 <= self.context_length <= self.config.max_position_embeddings:
+        self.context_policy = context_policy or ContextPolicy.from_config(self.config)
+        if self.context_policy.window > self.config.max_position_embeddings:
             raise ValueError(
-                f"context_length must lie in [2, {self.config.max_position_embeddings}] (the model's "
-                f"max_position_embeddings), got {self.context_length}"
+                f"context window {self.context_policy.window} exceeds the model's max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
             )
-        self.sliding_window = int(sliding_window or self.context_length // 2)
-        if not 1 <= self.sliding_window < self.context_length:
-            raise ValueError(
-                f"sliding_window must lie in [1, {self.context_length - 1}], got {self.sliding_window}"
-            )
+        self._symbol_policy = self.context_policy
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
         if prefill_chunk < 1:
@@ -213,6 +211,9 @@ class StreamingForecaster:
         self.quantiles = tuple(quantiles)
         self.signal_rule = signal_rule or SignalRule()
         self.cache_kwargs = dict(cache_kwargs or {})
+        if cache_policy in ("sink", "selective"):
+            # Sized from this engine's policy, which may differ from the checkpoint's.
+            self.cache_kwargs.setdefault("context_policy", self.context_policy)
         self.prefill_chunk = int(prefill_chunk)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
@@ -243,14 +244,10 @@ class StreamingForecaster:
                 "prefix has no attention history; use policy='recency' or another cache policy"
             )
         ids = self.tokenizer.encode(prices).tolist()
-        if len(ids) >= self.context_length - self.sliding_window:
-            raise ValueError(
-                f"market context has {len(ids)} tokens; it must leave room for the sliding window of "
-                f"{self.sliding_window} within context_length {self.context_length}"
-            )
+        symbol_policy = self.context_policy.shifted(len(ids))
         cache = PreallocatedKVCache(self.config, len(ids), self.dtype, self.device)
         self._run_prefill(ids, cache, start_position=0)
-        self._prefix_ids, self._prefix_cache = ids, cache
+        self._prefix_ids, self._prefix_cache, self._symbol_policy = ids, cache, symbol_policy
 
     @property
     def _scores_attention(self) -> bool:
@@ -282,7 +279,7 @@ class StreamingForecaster:
         session.last_price, session.last_timestamp = price, timestamp
         self._sessions.move_to_end(symbol)
 
-        if session.cache is None or self._needs_slide(session):
+        if session.cache is None or self._anchor_of(session) != session.anchor:
             logits = self._rebuild(symbol, session)
         else:
             logits = self._step(session, token_id)
@@ -295,7 +292,8 @@ class StreamingForecaster:
     def prime(self, symbol: str, prices, timestamps=None) -> TickForecast:
         """Starts the session of ``symbol`` from a history of prices in one prefill (e.g. before going live).
 
-        The forecast equals what bar-by-bar ``update`` calls over the same prices would give at the end.
+        The context follows the policy, so the forecast equals what bar-by-bar ``update`` calls over the same
+        prices give at the end, and what ``Forecaster.predict`` gives for them.
         """
         if symbol in self._sessions:
             raise ValueError(f"symbol {symbol!r} already has a session; prime only new symbols")
@@ -332,21 +330,17 @@ class StreamingForecaster:
         )
 
     # ------------------------------------------------------------------------------------ cache construction
-    def _needs_slide(self, session: _Session) -> bool:
+    def _anchor_of(self, session: _Session) -> int:
+        """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache."""
         if self.cache_policy in BOUNDED_POLICIES:
-            return False
-        return self.prefix_length + session.tokens_in_cache + 1 > self.context_length
-
-    def _window_of(self, session: _Session) -> list[int]:
-        """The symbol tokens a rebuilt cache holds: everything, or the sliding window once past the context."""
-        if self.cache_policy in BOUNDED_POLICIES or self.prefix_length + len(session.token_ids) <= self.context_length:
-            return session.token_ids
-        return session.token_ids[-self.sliding_window :]
+            return 0
+        return self._symbol_policy.start(len(session.token_ids))
 
     def _rebuild(self, symbol: str, session: _Session) -> torch.Tensor:
-        """(Re-)prefills the session from the market prefix and its token history; returns the last logits."""
+        """(Re-)prefills the session from the market prefix and its context; returns the last logits."""
         session.cache = None
-        window = self._window_of(session)
+        session.anchor = self._anchor_of(session)
+        window = session.token_ids[session.anchor :]
         cache = self._new_cache()
         self._reserve(symbol, self._projected_bytes(cache, len(window)))
         session.cache = cache
@@ -355,14 +349,13 @@ class StreamingForecaster:
             for layer_idx, prefix_layer in enumerate(self._prefix_cache.layers):
                 session.cache.update(prefix_layer.keys, prefix_layer.values, layer_idx)
         logits = self._run_prefill(window, session.cache, start_position=self.prefix_length)
-        session.tokens_in_cache = len(window)
         self.prefills += 1
         self._enforce_budget(symbol)
         return logits
 
     def _new_cache(self) -> Cache:
         if self.cache_policy == "full":
-            return PreallocatedKVCache(self.config, self.context_length, self.dtype, self.device)
+            return PreallocatedKVCache(self.config, self.context_policy.window, self.dtype, self.device)
         return build_cache(self.config, self.cache_policy, **self.cache_kwargs)
 
     def _run_prefill(self, ids: list[int], cache: Cache, start_position: int) -> torch.Tensor:
@@ -383,7 +376,7 @@ class StreamingForecaster:
 
     # ------------------------------------------------------------------------------------------ decode steps
     def _step(self, session: _Session, token_id: int) -> torch.Tensor:
-        position = self.prefix_length + session.tokens_in_cache
+        position = self.prefix_length + session.tokens_in_cache - 1
         input_ids = torch.tensor([[token_id]], device=self.device)
         if self.cache_policy == "full":
             logits = self._decode(input_ids, torch.tensor([[position]], device=self.device), session.cache)
@@ -391,7 +384,6 @@ class StreamingForecaster:
             # Positions come from the cache's count of tokens seen, which is what sink caches re-rotate against.
             logits = self.model(input_ids=input_ids, past_key_values=session.cache, use_cache=True, logits_to_keep=1)
             logits = logits.logits[0, -1]
-        session.tokens_in_cache += 1
         self.tokens_computed += 1
         self._enforce_budget(None)
         return logits
@@ -418,7 +410,7 @@ class StreamingForecaster:
     def _projected_bytes(self, cache: Cache, num_tokens: int) -> int:
         """Upper bound on a new session's bytes: what it allocates (full), else its tokens at full precision."""
         if self.cache_policy == "full":
-            return PreallocatedKVCache.bytes_for(self.config, self.context_length, self.dtype)
+            return PreallocatedKVCache.bytes_for(self.config, self.context_policy.window, self.dtype)
         tokens = self.prefix_length + num_tokens + 1
         most_held = cache.layers[0].get_max_length()
         if most_held > 0:
@@ -459,7 +451,6 @@ class StreamingForecaster:
         for symbol, session in self._sessions.items():
             if symbol != keep and session.cache is not None:
                 session.cache = None
-                session.tokens_in_cache = 0
                 self.evictions += 1
                 return True
         return False
@@ -471,7 +462,6 @@ class StreamingForecaster:
         session = self._sessions[symbol]
         if session.cache is not None:
             session.cache = None
-            session.tokens_in_cache = 0
             self.evictions += 1
 
     def session_cache(self, symbol: str) -> Cache | None:
@@ -492,8 +482,8 @@ class StreamingForecaster:
     def context_ids(self, symbol: str) -> list[int]:
         """The token ids the symbol's forecast is conditioned on: market prefix, then its cached tokens."""
         session = self._sessions[symbol]
-        held = session.tokens_in_cache if session.cache is not None else len(self._window_of(session))
-        return self._prefix_ids + session.token_ids[len(session.token_ids) - held :]
+        anchor = session.anchor if session.cache is not None else self._anchor_of(session)
+        return self._prefix_ids + session.token_ids[anchor:]
 
     # ------------------------------------------------------------------------------------------------- stats
     def latency_stats(self) -> dict[str, float]:
@@ -532,24 +522,6 @@ class StreamingForecaster:
         return ticks
 
 
-def load_model(checkpoint: str | None, fallback_preset: str = "small", seed: int = 0):
-    """The model and tokenizer of ``checkpoint``; without one there, a randomly initialised ``fallback_preset``.
-
-    Returns ``(model, tokenizer, description)``; the description says which of the two it is, for reports.
-    """
-    import os
-
-    from .modeling_kvtrade import KVTradeForCausalLM
-    from .presets import load_preset
-
-    if checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
-        model = KVTradeForCausalLM.from_pretrained(checkpoint).eval()
-        return model, ReturnTokenizer.from_pretrained(checkpoint), f"checkpoint {checkpoint}"
-    torch.manual_seed(seed)
-    model = KVTradeForCausalLM(load_preset(fallback_preset)).eval()
-    return model, ReturnTokenizer.from_config(model.config), f"random weights, {fallback_preset} preset ({checkpoint} absent)"
-
-
 def _parse_bar(bar) -> tuple[float, Any]:
     if isinstance(bar, Mapping):
         if "close" not in bar:
@@ -574,5 +546,4 @@ __all__ = [
     "PreallocatedKVLayer",
     "StreamingForecaster",
     "TickForecast",
-    "load_model",
 ]

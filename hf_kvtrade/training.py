@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .configuration_kvtrade import KVTradeConfig
+from .context import ContextPolicy
 from .data.windows import PERIOD_FRACTIONS, split_periods, token_windows
 from .tokenization_kvtrade import ReturnTokenizer
 
@@ -50,9 +51,9 @@ def describe_periods(frames: dict[str, pd.DataFrame], fractions=PERIOD_FRACTIONS
     return rows
 
 
-def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer, window_length: int, **kwargs):
+def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer, policy: ContextPolicy, **kwargs):
     """``token_windows`` as the Trainer takes them: ``input_ids``/``labels`` tensors, bookkeeping columns dropped."""
-    windows = token_windows(frames, tokenizer, window_length, **kwargs)
+    windows = token_windows(frames, tokenizer, policy, **kwargs)
     return windows.remove_columns(["series", "start"]).with_format("torch")
 
 
@@ -61,7 +62,7 @@ def train(
     frames: dict[str, pd.DataFrame],
     output_dir: str | os.PathLike,
     window_length: int = 512,
-    train_stride: int | None = None,
+    context_stride: int | None = None,
     batch_size: int = 8,
     max_steps: int = 1000,
     learning_rate: float = 1e-3,
@@ -74,6 +75,8 @@ def train(
 ) -> TrainingRun:
     """Trains a fresh model of ``config`` on ``frames`` and saves it with its tokenizer to ``output_dir``.
 
+    Windows follow the context policy of ``window_length`` and ``context_stride`` (default half the window), which
+    is saved in the checkpoint's config: the model is trained and validated on the contexts it gets in serving.
     The validation loss is measured every ``eval_steps`` steps and the best weights are the ones kept
     (``load_best_model_at_end``), so a run longer than the data supports does not ship an overfitted model.
     """
@@ -87,7 +90,8 @@ def train(
         raise ValueError("no training data: pass at least one price series")
     set_seed(seed)
     tokenizer = ReturnTokenizer.from_config(config)
-    windows = trainer_windows(frames, tokenizer, window_length, train_stride=train_stride)
+    policy = ContextPolicy(window=window_length, stride=context_stride or window_length // 2)
+    windows = trainer_windows(frames, tokenizer, policy)
     model = KVTradeForCausalLM(config)
 
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
@@ -133,8 +137,9 @@ def train(
     model = trainer.model
     # The Trainer switches the cache off for training; inference and vLLM want it on.
     model.config.use_cache = True
-    # RoPE positions beyond the training windows were never seen; readers of the checkpoint need this length.
-    model.config.training_context_length = window_length
+    # The context policy travels with the weights: every path that reads the checkpoint conditions on it.
+    model.config.training_context_length = policy.window
+    model.config.context_stride = policy.stride
     model.generation_config.update(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

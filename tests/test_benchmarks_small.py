@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from hf_kvtrade import Forecaster
 from hf_kvtrade.benchmarks import _common, attention, attention_map, gqa
 from hf_kvtrade.cli import main
 from hf_kvtrade.presets import load_preset
@@ -69,11 +70,20 @@ def test_eager_that_cannot_fit_is_skipped_with_reason():
     assert attention.skip_reason("sdpa", config, 2**19, None, "cpu") is None
 
 
-def test_attention_map_is_causal_and_normalised(tmp_path):
-    result = attention_map.measure(tmp_path / "no-checkpoint", "sp500", context_length=24, out_dir=tmp_path)
-    assert result["source"].startswith("random small preset")
+@pytest.fixture
+def tiny_checkpoint(tmp_path, make_tiny_model):
+    """A tiny model with a 24-token policy window, saved as a checkpoint folder."""
+    path = tmp_path / "tiny"
+    Forecaster(make_tiny_model(training_context_length=24)).save_pretrained(path)
+    return path
+
+
+def test_attention_map_is_causal_and_normalised(tmp_path, tiny_checkpoint):
+    result = attention_map.measure(tiny_checkpoint, "sp500", out_dir=tmp_path)
+    assert result["source"] == f"checkpoint {tiny_checkpoint}"
     attention_map_ = result["map"]
-    assert attention_map_.shape == (24, 24)
+    # The policy's context of the whole series for a one-bar forecast: at most the window less one.
+    assert 12 <= attention_map_.shape[0] <= 23 and attention_map_.shape[0] == attention_map_.shape[1]
     np.testing.assert_allclose(attention_map_.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(np.triu(attention_map_, k=1) == 0)
     np.testing.assert_allclose(result["weights_by_lag"], attention_map_[-1, ::-1])
@@ -81,9 +91,14 @@ def test_attention_map_is_causal_and_normalised(tmp_path):
     assert (tmp_path / "attention_map.png").stat().st_size > 0
 
 
-def test_bench_cli_writes_json(tmp_path):
+def test_benchmarks_refuse_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*none"):
+        attention_map.measure(tmp_path / "none", "sp500")
+
+
+def test_bench_cli_writes_json(tmp_path, tiny_checkpoint):
     main(["bench", "gqa", "--json", str(tmp_path / "gqa.json"), "--preset", "tiny", "--contexts", "16", "--quick"])
     assert len(json.loads((tmp_path / "gqa.json").read_text())["rows"]) == 3
-    main(["bench", "attention_map", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "none"), "--context-length", "16"])
+    main(["bench", "attention_map", "--out", str(tmp_path), "--checkpoint", str(tiny_checkpoint)])
     summary = json.loads((tmp_path / "attention_map.json").read_text())
-    assert len(summary["weights_by_lag"]) == 16 and "map" not in summary
+    assert len(summary["weights_by_lag"]) == summary["context_length"] <= 23 and "map" not in summary

@@ -75,7 +75,7 @@ def price_frame():
 @pytest.fixture
 def mha_checkpoint(tmp_path, make_tiny_model):
     path = tmp_path / "mha"
-    model = make_tiny_model("mha")
+    model = make_tiny_model("mha", training_context_length=32)
     Forecaster(model, ReturnTokenizer.from_config(model.config)).save_pretrained(path)
     return path
 
@@ -83,7 +83,7 @@ def mha_checkpoint(tmp_path, make_tiny_model):
 def test_converted_checkpoint_loads_and_runs(tmp_path, mha_checkpoint, price_frame, input_ids):
     destination = tmp_path / "gqa"
     report = convert_checkpoint(
-        mha_checkpoint, destination, 2, {"walk": price_frame}, uptrain_steps=2, context_length=32, batch_size=4
+        mha_checkpoint, destination, 2, {"walk": price_frame}, uptrain_steps=2, batch_size=4
     )
     assert set(report["nll"]) == {"source", "converted", "uptrained"}
     assert all(np.isfinite(value) for value in report["nll"].values())

@@ -19,7 +19,8 @@ from hf_kvtrade.data import (
     validate_ohlcv,
 )
 from hf_kvtrade.data.live import BybitClient, BybitError, BybitRateLimitError, fetch_yfinance, from_yfinance_history
-from hf_kvtrade.data.windows import IGNORE_INDEX, cut_windows
+from hf_kvtrade.context import ContextPolicy
+from hf_kvtrade.data.windows import IGNORE_INDEX, policy_windows
 
 KNOWN_ROW_COUNTS = {
     "sp500": 5031,
@@ -94,32 +95,32 @@ def test_split_periods_rejects_bad_fractions():
         split_periods(_synthetic_frame(), (0.5, 0.5, 0.5))
 
 
-@pytest.mark.parametrize("length", [3, 5, 8, 9, 10])
-def test_cut_windows_with_overlap_cover_every_token_once_at_least(length):
+@pytest.mark.parametrize("length", [2, 3, 5, 8, 9, 10, 23])
+def test_policy_windows_label_each_token_once_from_its_serving_context(length):
+    policy = ContextPolicy(window=6, stride=2)
     ids = np.arange(10, 10 + length)
-    input_ids, labels = cut_windows(ids, window_length=4, pad_token_id=0, stride=2)
-    assert input_ids.shape[1] == 4
-    assert set(labels[labels != IGNORE_INDEX]) == set(ids)
-    for row_ids, row_labels in zip(input_ids, labels):
-        real = row_labels[row_labels != IGNORE_INDEX]
-        assert np.all(np.diff(real) == 1)  # contiguous stretch of the series
-        assert np.all(row_ids[len(real) :] == 0)
+    input_ids, labels, starts = policy_windows(ids, policy, pad_token_id=0)
+    assert input_ids.shape[1] == 6
+    # Every token after the first is a target exactly once.
+    assert sorted(labels[labels != IGNORE_INDEX]) == list(ids[1:])
+    for row_ids, row_labels, start in zip(input_ids, labels, starts):
+        real = int((row_ids != 0).sum())
+        assert np.array_equal(row_ids[:real], ids[start : start + real])  # a contiguous stretch of the series
+        for position in np.flatnonzero(row_labels != IGNORE_INDEX):
+            # The target at `position` is forecast from ids[start : start + position], the policy's context.
+            assert policy.start(start + position) == start
 
 
 def test_token_windows_never_cross_a_period_boundary():
     tokenizer = ReturnTokenizer()
     frame = _synthetic_frame(1003)
-    windows = token_windows({"synthetic": frame}, tokenizer, window_length=64, train_stride=16)
+    windows = token_windows({"synthetic": frame}, tokenizer, ContextPolicy(window=64, stride=16))
     for period, part in zip(("train", "validation", "test"), split_periods(frame)):
         expected = tokenize_period(part, tokenizer)
-        stride = 16 if period == "train" else 64
         labels = np.asarray(windows[period]["labels"])
-        for number, row in enumerate(labels):
-            real = row[row != IGNORE_INDEX]
-            # Window `number` is exactly the period's tokens from its start on: nothing from another period.
-            assert np.array_equal(real, expected[number * stride : number * stride + len(real)])
-            assert windows[period]["start"][number] == part.index[number * stride].isoformat()
-        assert labels[-1][labels[-1] != IGNORE_INDEX][-1] == expected[-1]
+        # The period's tokens, each scored once and in order: nothing from another period.
+        assert np.array_equal(labels[labels != IGNORE_INDEX], expected[1:])
+        assert windows[period]["start"][0] == part.index[0].isoformat()
         assert set(windows[period]["series"]) == {"synthetic"}
 
 

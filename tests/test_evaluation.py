@@ -19,6 +19,7 @@ from hf_kvtrade.evaluation import (
     score,
     update_model_card,
 )
+from hf_kvtrade.context import ContextPolicy
 from hf_kvtrade.presets import load_preset
 
 DF, SCALE = 4.0, 0.01
@@ -90,28 +91,26 @@ def test_baselines_recover_the_known_answer_on_iid_student_t_prices():
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return KVTradeForCausalLM(load_preset("tiny")).eval()
+    # A 32-token policy window rebased every 12 tokens, so a 300-bar series crosses many anchors.
+    return KVTradeForCausalLM(load_preset("tiny", training_context_length=32, context_stride=12)).eval()
 
 
-def test_sliding_batched_forward_equals_one_forecast_per_bar(tiny_model):
+def test_batched_evaluation_equals_the_forecaster_at_every_bar(tiny_model):
     tokenizer = ReturnTokenizer.from_config(tiny_model.config)
-    frame = student_t_prices(300, seed=1)
-    ids = tokenize_period(frame, tokenizer)
-    context, first_target = 32, 250
-    batched = model_forecast(tiny_model, tokenizer, ids, first_target, context, batch_size=3)
+    closes = student_t_prices(300, seed=1)["close"].to_numpy()
+    ids = tokenizer.encode(closes)
+    first_target = 200
+    batched = model_forecast(tiny_model, tokenizer, ids, first_target, ContextPolicy(32, 12), batch_size=3)
     forecaster = Forecaster(tiny_model, tokenizer)
-    for target in (first_target, 263, 299):
-        stride = context // 2
-        chunk_end = min(first_target + ((target - first_target) // stride + 1) * stride, len(ids))
-        window = ids[max(0, chunk_end - 1 - context) : target]  # the context the batched pass used
-        expected = BinnedDistribution.from_token_probs(forecaster.next_token_probs(torch.as_tensor(window)[None])[0], tokenizer)
+    for target in range(first_target, len(ids)):
+        # The forecast of bar `target` from the prices before it, exactly as a user would ask for it.
+        expected = forecaster.predict(closes[:target]).distribution
         np.testing.assert_allclose(batched.probs[target - first_target], expected.probs, rtol=1e-4, atol=1e-7)
-        assert len(window) >= context // 2
 
 
 def test_model_is_scored_by_the_same_code_as_the_baselines(tiny_model):
     tokenizer = ReturnTokenizer.from_config(tiny_model.config)
-    bars, target = evaluate_series(student_t_prices(400), tiny_model, tokenizer, context_length=32)
+    bars, target = evaluate_series(student_t_prices(400), tiny_model, tokenizer)
     assert list(bars) == list(MODEL_NAMES)
     for terms in bars.values():
         assert set(terms) == set(METRICS)
@@ -137,7 +136,7 @@ def test_model_card_gets_one_evaluation_section(tmp_path):
 
     (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# kvtrade-small\n\nTrained.\n")
     results = evaluate({"student_t": student_t_prices(400)})
-    results["context_length"] = 256
+    results["context_policy"] = {"window": 256, "stride": 128}
     update_model_card(tmp_path, results, "kvtrade evaluate")
     update_model_card(tmp_path, results, "kvtrade evaluate")  # a second run replaces the section
     card = ModelCard.load(tmp_path / "README.md")

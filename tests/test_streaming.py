@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_kvtrade import KVTradeForCausalLM
+from hf_kvtrade.context import ContextPolicy
 from hf_kvtrade.presets import load_preset
 from hf_kvtrade.signals import Signal
 from hf_kvtrade.streaming import PreallocatedKVCache, StreamingForecaster
@@ -53,17 +54,21 @@ def test_full_policy_matches_full_forward_at_every_tick(model):
     assert engine.prefills == 1
 
 
-def test_sliding_window_past_the_context_length(model):
-    engine = StreamingForecaster(model, context_length=40, sliding_window=16)
+def test_rebases_follow_the_context_policy_past_its_window(model):
+    policy = ContextPolicy(window=40, stride=16)
+    engine = StreamingForecaster(model, context_policy=policy)
     for step, price in enumerate(random_walk(100, seed=2)):
         tick = engine.update("spx", price)
         context = engine.context_ids("spx")
-        assert len(context) <= 40
-        assert context == engine.history("spx")[-len(context) :]
+        history = engine.history("spx")
+        # The context plus the forecast bar fit the window; the anchor is the policy's, a multiple of the stride.
+        assert len(context) < 40
+        assert context == history[policy.start(len(history)) :]
         np.testing.assert_allclose(
             tick.distribution.probs, full_forward_bin_probs(model, context)[-1], atol=1e-6, err_msg=f"tick {step}"
         )
-    assert engine.prefills > 1
+    # A prefill at the first bar, then one at each anchor move: histories of 40, 56, 72 and 88 tokens.
+    assert engine.prefills == 5
 
 
 @pytest.mark.parametrize("policy, max_total_variation", [("int8", 0.02), ("int4", 0.15)])
@@ -97,7 +102,8 @@ def test_sink_policy_runs_past_the_training_context_in_constant_memory():
 @pytest.mark.parametrize("selection", ["recency", "hybrid"])
 def test_selective_policy_is_exact_until_its_budget_then_bounded(selection):
     torch.manual_seed(0)
-    model = KVTradeForCausalLM(load_preset("tiny", max_position_embeddings=64)).eval()  # hybrid switches it to eager
+    # A window longer than the stream, so no rebase; hybrid switches the model to eager attention.
+    model = KVTradeForCausalLM(load_preset("tiny", max_position_embeddings=128)).eval()
     engine = StreamingForecaster(model, cache_policy="selective", cache_kwargs={"budget": 40, "policy": selection})
     ticks = [engine.update("spx", price) for price in random_walk(100, seed=5)]
     reference = full_forward_bin_probs(model, engine.history("spx")[:40])
@@ -112,8 +118,9 @@ def test_eviction_and_reprefill_restore_the_same_forecasts(model):
     series = {symbol: random_walk(40, seed=10 + i) for i, symbol in enumerate(symbols)}
     session_bytes = PreallocatedKVCache.bytes_for(model.config, 64)
     budget = 2 * session_bytes + session_bytes // 2  # room for two sessions, never three
-    bounded = StreamingForecaster(model, context_length=64, memory_budget_bytes=budget)
-    unbounded = StreamingForecaster(model, context_length=64)
+    policy = ContextPolicy(window=64, stride=32)
+    bounded = StreamingForecaster(model, context_policy=policy, memory_budget_bytes=budget)
+    unbounded = StreamingForecaster(model, context_policy=policy)
     for step in range(40):
         for symbol in symbols:
             tick = bounded.update(symbol, series[symbol][step])
@@ -202,8 +209,8 @@ def test_bad_bars_are_rejected(model, bar, message):
 def test_bad_settings_are_rejected(model):
     with pytest.raises(ValueError, match="cache_policy"):
         StreamingForecaster(model, cache_policy="lru")
-    with pytest.raises(ValueError, match="context_length"):
-        StreamingForecaster(model, context_length=10_000)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        StreamingForecaster(model, context_policy=ContextPolicy(window=10_000, stride=5_000))
     engine = StreamingForecaster(model, memory_budget_bytes=1024)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         engine.update("a", 100.0)
@@ -213,19 +220,21 @@ def test_bad_settings_are_rejected(model):
         engine.update("a", {"close": 100.0, "timestamp": 5})
 
 
-def test_stream_benchmark_writes_the_documented_layout(tmp_path):
+def test_stream_benchmark_writes_the_documented_layout(tmp_path, model):
     from argparse import Namespace
 
+    from hf_kvtrade import Forecaster
     from hf_kvtrade.benchmarks import stream
 
+    Forecaster(model).save_pretrained(tmp_path / "tiny")
     path = tmp_path / "stream.json"
     args = Namespace(
-        json=str(path), checkpoint=str(tmp_path / "no-checkpoint"), contexts=[48, 64], ticks=8, repeats=1,
+        json=str(path), checkpoint=str(tmp_path / "tiny"), contexts=[48, 64], ticks=8, repeats=1,
         threads=1, policy="full", compile=False, quick=False,
     )
     assert stream.run(args) == 0
     report = json.loads(path.read_text())
-    assert "random weights" in report["model"]
+    assert report["model"] == f"checkpoint {tmp_path / 'tiny'}"
     for context in ("48", "64"):
         entry = report["contexts"][context]
         assert entry["ratio"] == pytest.approx(entry["recompute_ms"] / entry["incremental_p50_ms"], abs=0.1)

@@ -35,7 +35,7 @@ def test_saved_checkpoint_is_ready_for_inference(trained):
     _, output_dir = trained
     config = json.loads((output_dir / "config.json").read_text())
     assert config["use_cache"] is True  # the Trainer turns it off; it must be switched back
-    assert config["training_context_length"] == 64
+    assert (config["training_context_length"], config["context_stride"]) == (64, 32)  # the context policy
     generation = json.loads((output_dir / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     assert {"model.safetensors", "return_tokenizer.json", "modeling_kvtrade.py"} <= {p.name for p in output_dir.iterdir()}

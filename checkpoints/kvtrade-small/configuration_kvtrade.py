@@ -25,8 +25,10 @@ class KVTradeConfig(PreTrainedConfig):
         head_dim (`int`): 32 or 64 keep the model servable by vLLM's CPU attention kernels.
         sliding_window (`int`, *optional*): if set, every layer attends to at most this many past tokens.
         training_context_length (`int`, *optional*): the window length the model was trained on (set by
-            `kvtrade train`). Forecasts use this many recent bars; `max_position_embeddings` only bounds what the
-            rotary embedding and vLLM accept.
+            `kvtrade train`): a context plus the tokens forecast from it never hold more. With `context_stride` it
+            is the context policy (`hf_kvtrade.context.ContextPolicy`) that every forecasting path follows.
+        context_stride (`int`, *optional*): how many tokens the context's anchor moves at a rebase once a history
+            outgrows the window; defaults to half the window.
 
     ```python
     >>> from hf_kvtrade import KVTradeConfig, KVTradeForCausalLM
@@ -74,6 +76,7 @@ class KVTradeConfig(PreTrainedConfig):
     attention_dropout: int | float = 0.0
     sliding_window: int | None = None
     training_context_length: int | None = None
+    context_stride: int | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):

@@ -2,7 +2,7 @@
 
 Eager attention returns its softmax weights (``output_attentions=True``); they are averaged over every head of
 every layer. The row of the last position is what the next-bar forecast reads, indexed here by lag (0 is the
-latest bar). Without the shipped checkpoint a randomly initialised small preset stands in, and the result says so.
+latest bar). The context is the one the checkpoint's context policy gives the next forecast.
 """
 
 from __future__ import annotations
@@ -12,33 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 from ._common import machine_info, write_json
 
 SUMMARY_LAGS = (1, 5, 20, 60)
 
 
-def load_model(checkpoint: str | Path):
-    """``(forecaster, description)`` with eager attention; a random small preset when ``checkpoint`` is missing."""
-    from ..forecasting import Forecaster
-    from ..modeling_kvtrade import KVTradeForCausalLM
-    from ..presets import load_preset
-
-    if Path(checkpoint, "config.json").exists():
-        return Forecaster.from_pretrained(checkpoint, attn_implementation="eager"), f"checkpoint {checkpoint}"
-    config = load_preset("small")
-    config._attn_implementation = "eager"
-    return Forecaster(KVTradeForCausalLM(config)), f"random small preset (no checkpoint at {checkpoint})"
-
-
 def measure(
     checkpoint: str | Path = SHIPPED_CHECKPOINT,
     series: str = "sp500",
-    context_length: int = 256,
     out_dir: str | Path | None = None,
 ) -> dict:
-    """The head- and layer-averaged attention map over the last ``context_length`` bars of ``series``.
+    """The head- and layer-averaged attention map over the context the next forecast of ``series`` reads.
 
+    The context is the checkpoint's policy context of the whole series, as every forecasting path feeds it.
     Returns ``map`` (``context_length x context_length``, rows are query positions), ``weights_by_lag`` (the last
     row, reversed so index 0 is the latest bar), the attention mass within the last few bars, the
     attention-weighted mean lag, and the weight on the window's first token (attention sinks gather there).
@@ -47,14 +34,15 @@ def measure(
     import torch
 
     from ..data import load_series
+    from ..forecasting import Forecaster
 
-    forecaster, source = load_model(checkpoint)
+    forecaster = Forecaster.from_pretrained(checkpoint, attn_implementation="eager")
+    source = f"checkpoint {checkpoint}"
     frame = load_series(series)
-    if len(frame) < context_length + 1:
-        raise ValueError(f"series {series!r} has {len(frame)} bars, fewer than context_length + 1 = {context_length + 1}")
-    window = frame.iloc[-(context_length + 1) :]
-    # encode() prepends bos; dropping it leaves one token per bar of the window after its first.
-    input_ids = torch.as_tensor(forecaster.tokenizer.encode(window["close"].to_numpy())[1:]).unsqueeze(0)
+    input_ids = forecaster.encode_context(frame["close"].to_numpy())
+    context_length = input_ids.shape[1]
+    # The token of bar k is the return that ends on it, so the context's tokens are the last context_length bars.
+    window = frame.iloc[-context_length:]
     with torch.inference_mode():
         attentions = forecaster.model(input_ids=input_ids, output_attentions=True).attentions
     attention_map = torch.stack(attentions).mean(dim=(0, 1, 2)).double().numpy()  # layers, batch, heads
@@ -65,7 +53,7 @@ def measure(
         "source": source,
         "series": series,
         "context_length": context_length,
-        "first_bar": window.index[1].isoformat(),
+        "first_bar": window.index[0].isoformat(),
         "last_bar": window.index[-1].isoformat(),
         "num_layers": len(attentions),
         "num_heads": attentions[0].shape[1],
@@ -89,11 +77,11 @@ def plot(result: dict, window, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = window.index[1:]
+    bars = window.index
     figure, (prices, weights, heatmap) = plt.subplots(
         3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 2.2]}, constrained_layout=True
     )
-    prices.plot(bars, window["close"].to_numpy()[1:], color="black", linewidth=1)
+    prices.plot(bars, window["close"].to_numpy(), color="black", linewidth=1)
     prices.set_ylabel("close")
     prices.set_title(f"{result['series']}: attention of the next-bar forecast ({result['source']})")
     weights.bar(bars, result["map"][-1], width=(bars[-1] - bars[0]) / len(bars), color="tab:blue")
@@ -118,11 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for attention_map.png and attention_map.json")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", default="sp500", help="bundled series (default: %(default)s)")
-    parser.add_argument("--context-length", type=int, default=256, help="bars of context (default: %(default)s)")
 
 
 def run(args) -> int:
-    result = measure(args.checkpoint, args.series, args.context_length, out_dir=args.out)
+    result = measure(args.checkpoint, args.series, out_dir=args.out)
     summary = {key: value for key, value in result.items() if key != "map"}
     summary["weights_by_lag"] = result["weights_by_lag"].tolist()
     write_json(Path(args.out) / "attention_map.json", summary)

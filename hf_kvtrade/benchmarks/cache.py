@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 POLICIES = ("full", "int8", "int4", "sink", "selective")
 REPORTED_TICKS = (4_096, 16_384)
@@ -42,23 +41,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-sink-tokens", type=int, default=4)
     parser.add_argument("--reference-samples", type=int, default=256, help="ticks scored by sliding-window recompute")
     parser.add_argument("--quick", action="store_true", help="small settings that finish in about a minute")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def _load_model(checkpoint: str, seed: int):
-    import torch
-
-    from ..modeling_kvtrade import KVTradeForCausalLM
-    from ..presets import load_preset
-
-    if Path(checkpoint).is_dir():
-        model = KVTradeForCausalLM.from_pretrained(checkpoint)
-        label = f"{checkpoint} (trained checkpoint)"
-    else:
-        torch.manual_seed(seed)
-        model = KVTradeForCausalLM(load_preset("small"))
-        label = f"small preset, RANDOMLY INITIALISED: no checkpoint at {checkpoint}"
-    return model.eval(), label
 
 
 def _attention_for(policy: str) -> str:
@@ -137,16 +119,17 @@ def _delta_pct(value: float, reference: float) -> float:
 
 def run(args) -> int:
     from ..cache import build_cache, track_attention
-    from ..tokenization_kvtrade import ReturnTokenizer
+    from ..checkpoint import load_checkpoint
     from ._common import machine_info, percentile_ms, write_json
 
     if args.quick:
         args.eval_ticks, args.grow_ticks, args.long_ticks, args.reference_samples = 256, 2_048, 4_096, 32
     if args.eval_ticks < 64 or args.grow_ticks < 64 or args.long_ticks < args.eval_ticks:
         raise ValueError("--eval-ticks and --grow-ticks must be at least 64, --long-ticks at least --eval-ticks")
-    model, model_label = _load_model(args.checkpoint, args.seed)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    model_label = f"checkpoint {args.checkpoint}"
     track_attention(model)
-    stream, data_label = _held_out_stream(ReturnTokenizer.from_config(model.config))
+    stream, data_label = _held_out_stream(tokenizer)
     if args.long_ticks > len(stream):
         data_label += f", cycled to {args.long_ticks} ticks"
     print(f"model: {model_label}\ndata:  {data_label}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 DEFAULT_SERIES = ("sp500", "nasdaq", "eurusd_h1")
 DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj")
@@ -33,10 +33,11 @@ def run(args) -> int:
 
     from ..backtest import run_backtest
     from ..signals import SignalRule
-    from ..streaming import load_model
+    from ..checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    model, tokenizer, description = load_model(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    description = f"checkpoint {args.checkpoint}"
     print(f"model: {description}")
     rule = SignalRule(prob_threshold=args.prob_threshold, transaction_cost=args.cost, allow_short=not args.long_only)
     report = run_backtest(

@@ -17,7 +17,6 @@ def register(subparsers) -> None:
     parser.add_argument("--kv-heads", type=int, required=True, help="key/value heads after conversion (divides SRC's)")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="Trainer steps after pooling (default: none)")
     parser.add_argument("--series", default="all", help="comma-separated bundled series for uptraining and the test NLL, or 'all'")
-    parser.add_argument("--context-length", type=int, default=256, help="tokens per window (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -38,7 +37,6 @@ def run(args) -> int:
         args.kv_heads,
         frames,
         uptrain_steps=args.uptrain_steps,
-        context_length=args.context_length,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
@@ -13,8 +13,6 @@ def register(subparsers) -> None:
                              "every same-frequency series' training period (default: %(default)s)")
     parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
                         help="also evaluate on the final period of this CSV/Parquet OHLCV file (repeatable)")
-    parser.add_argument("--context-length", type=int,
-                        help="bars of context per forecast (default: the checkpoint's training window length)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.set_defaults(func=run)  # fmt: skip
@@ -28,12 +26,10 @@ def run(args) -> int:
     from .train import select_frames
 
     forecaster = Forecaster.from_pretrained(args.checkpoint)
-    config = forecaster.model.config
-    context_length = args.context_length or getattr(config, "training_context_length", config.max_position_embeddings)
     frames, _ = select_frames("all" if args.series == "heldout" else args.series, args.data_file)
     if args.series == "heldout":
         frames = {name: frames[name] for name in heldout_series_names(frames)}
-    results = evaluate(frames, forecaster.model, forecaster.tokenizer, context_length=context_length)
+    results = evaluate(frames, forecaster.model, forecaster.tokenizer)
     results["checkpoint"] = args.checkpoint
     results["series_selection"] = args.series
     print(format_table(results))

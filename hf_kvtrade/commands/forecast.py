@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:

@@ -43,6 +43,6 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"kvtrade serve: {error}") from None
     model = args.served_model_name or Path(args.checkpoint).name
-    print(usage_instructions(args.host, args.port, model, args.api_key), flush=True)
+    print(usage_instructions(args.host, args.port, model, args.api_key, args.checkpoint), flush=True)
     # The server replaces this process, so signals (Ctrl-C, SIGTERM) reach vLLM, which stops its engine cleanly.
     os.execve(command[0], command, server_environment(args.max_samples))

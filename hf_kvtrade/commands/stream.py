@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..presets import SHIPPED_CHECKPOINT
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
@@ -19,14 +19,16 @@ def run(args) -> int:
     import torch
 
     from ..data import bundled_series_names, load_series
-    from ..streaming import StreamingForecaster, load_model
+    from ..checkpoint import load_checkpoint
+    from ..streaming import StreamingForecaster
 
     if args.data not in bundled_series_names():
         raise SystemExit(f"unknown series {args.data!r}; bundled series are {bundled_series_names()}")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be at least 1, got {args.limit}")
     torch.set_num_threads(args.threads)
-    model, tokenizer, description = load_model(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    description = f"checkpoint {args.checkpoint}"
     print(f"model: {description}")
     engine = StreamingForecaster(model, tokenizer, cache_policy=args.policy)
     bars = load_series(args.data)["close"]

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                         help="a CSV or Parquet OHLCV file with 'timestamp' and 'close' columns (repeatable)")
     parser.add_argument("--output-dir", default="checkpoints/kvtrade-small")
     parser.add_argument("--context-length", type=int, default=512, help="tokens per training window (default: %(default)s)")
-    parser.add_argument("--train-stride", type=int, help="start a training window every N bars (default: the context length)")
+    parser.add_argument("--context-stride", type=int,
+                        help="tokens the context anchor moves at a rebase, saved in the checkpoint (default: half the context length)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -36,7 +37,7 @@ def reproducible_command(args) -> str:
         *[word for path in args.data_file for word in ("--data-file", path)],
         "--output-dir", args.output_dir,
         "--context-length", str(args.context_length),
-        *(["--train-stride", str(args.train_stride)] if args.train_stride is not None else []),
+        *(["--context-stride", str(args.context_stride)] if args.context_stride is not None else []),
         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
         "--learning-rate", str(args.learning_rate), "--weight-decay", str(args.weight_decay),
         "--eval-steps", str(args.eval_steps), "--seed", str(args.seed),
@@ -76,7 +77,7 @@ def run(args) -> int:
         frames,
         args.output_dir,
         window_length=args.context_length,
-        train_stride=args.train_stride,
+        context_stride=args.context_stride,
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,

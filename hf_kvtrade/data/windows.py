@@ -13,6 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ..context import ContextPolicy
 from ..tokenization_kvtrade import ReturnTokenizer
 
 PERIODS = ("train", "validation", "test")
@@ -41,38 +42,33 @@ def tokenize_period(frame: pd.DataFrame, tokenizer: ReturnTokenizer) -> np.ndarr
         return tokenizer.encode(frame["close"].to_numpy(), timestamps=frame.index.asi8)
 
 
-def cut_windows(
-    ids: np.ndarray, window_length: int, pad_token_id: int, stride: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of ``window_length`` ids starting every ``stride`` ids (default: ``window_length``, no overlap).
+def policy_windows(ids: np.ndarray, policy: ContextPolicy, pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(input_ids, labels, starts)``: the windows of ``policy.scoring_windows`` over ``ids``, right-padded.
 
-    The last window is right-padded, with labels -100 on the padding. Padded inputs come after every real token,
-    so causal attention keeps them out of every scored position.
+    Labels are -100 except on the tokens each window scores, so training sees every token exactly once, forecast
+    from exactly the context the policy gives it in serving. Padding comes after every real token, so causal
+    attention keeps it out of every scored position.
     """
-    stride = stride or window_length
-    if window_length < 2 or not 1 <= stride <= window_length:
-        raise ValueError(f"need window_length >= 2 and 1 <= stride <= window_length, got {window_length}, {stride}")
-    starts = np.arange(0, max(len(ids) - window_length, 0) + stride, stride)
-    starts = starts[(starts == 0) | (starts + window_length - stride < len(ids))]
-    padded_ids = np.concatenate([ids, np.full(window_length, pad_token_id, dtype=np.int64)])
-    padded_labels = np.concatenate([ids, np.full(window_length, IGNORE_INDEX, dtype=np.int64)])
-    positions = starts[:, None] + np.arange(window_length)
-    return padded_ids[positions], padded_labels[positions]
+    windows = policy.scoring_windows(len(ids)) if len(ids) > 1 else []
+    input_ids = np.full((len(windows), policy.window), pad_token_id, dtype=np.int64)
+    labels = np.full((len(windows), policy.window), IGNORE_INDEX, dtype=np.int64)
+    for row, (start, end, first_scored) in enumerate(windows):
+        input_ids[row, : end - start] = ids[start:end]
+        labels[row, first_scored - start : end - start] = ids[first_scored:end]
+    return input_ids, labels, np.array([start for start, _, _ in windows], dtype=np.int64)
 
 
 def token_windows(
     frames: dict[str, pd.DataFrame] | Iterable[tuple[str, pd.DataFrame]],
     tokenizer: ReturnTokenizer,
-    window_length: int,
+    policy: ContextPolicy,
     fractions: tuple[float, float, float] = PERIOD_FRACTIONS,
-    train_stride: int | None = None,
 ):
-    """A ``datasets.DatasetDict`` with ``train``, ``validation`` and ``test`` splits of token windows.
+    """A ``datasets.DatasetDict`` with ``train``, ``validation`` and ``test`` splits of :func:`policy_windows`.
 
-    Columns: ``input_ids`` and ``labels`` (equal, except -100 on padding; the model shifts them itself),
-    ``series`` (its name) and ``start`` (timestamp of the window's first bar, ISO format). ``train_stride``
-    below ``window_length`` overlaps the training windows, so each bar is also seen after other contexts;
-    validation and test windows never overlap, so every bar is scored once.
+    Columns: ``input_ids`` and ``labels`` (the model shifts them itself), ``series`` (its name) and ``start``
+    (timestamp of the window's first bar, ISO format). In every split each bar is scored once, from the context
+    the policy gives it, so the validation loss is the serving next-bar loss.
     """
     from datasets import Dataset, DatasetDict
 
@@ -80,9 +76,8 @@ def token_windows(
     columns = {period: {"input_ids": [], "labels": [], "series": [], "start": []} for period in PERIODS}
     for name, frame in items:
         for period, part in zip(PERIODS, split_periods(frame, fractions)):
-            stride = train_stride if period == "train" else window_length
-            input_ids, labels = cut_windows(tokenize_period(part, tokenizer), window_length, tokenizer.pad_token_id, stride)
-            starts = part.index[:: stride][: len(input_ids)]
+            input_ids, labels, first_tokens = policy_windows(tokenize_period(part, tokenizer), policy, tokenizer.pad_token_id)
+            starts = part.index[first_tokens]
             columns[period]["input_ids"].extend(input_ids.tolist())
             columns[period]["labels"].extend(labels.tolist())
             columns[period]["series"].extend([name] * len(input_ids))

@@ -1,0 +1,1 @@
+"""Checkpoints shipped with hf-kvtrade, installed as package data ``hf_kvtrade.checkpoints``."""
