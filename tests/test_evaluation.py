@@ -5,7 +5,6 @@ import torch
 from scipy import integrate, stats
 
 from hf_kvtrade import BinnedDistribution, Forecaster, KVTradeForCausalLM, ReturnTokenizer
-from hf_kvtrade.data import tokenize_period
 from hf_kvtrade.evaluation import (
     METRICS,
     MODEL_NAMES,

@@ -1,4 +1,4 @@
-"""The native vLLM model against the Transformers model, on one checkpoint saved by the Transformers side.
+"""The native vLLM model against the Transformers model, on the shipped checkpoint.
 
 One real engine (`vllm.LLM` through `OfflineForecaster`) is started for the whole module: start-up is the cost.
 """
@@ -10,8 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
-from hf_kvtrade import Forecaster, KVTradeForCausalLM, ReturnTokenizer
-from hf_kvtrade.presets import load_preset
+from hf_kvtrade import Forecaster, ReturnTokenizer
+from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT
+from hf_kvtrade.data import load_series
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +25,8 @@ def random_prices(length: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random tiny model whose logits are scaled up, so its next-bar distributions are peaked and differ from
-    context to context: a near-uniform distribution would let a wrong model pass the distribution test."""
-    torch.manual_seed(0)
-    model = KVTradeForCausalLM(load_preset("tiny"))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    path = tmp_path_factory.mktemp("kvtrade-tiny")
-    Forecaster(model).save_pretrained(path)
-    return path
+def checkpoint():
+    return SHIPPED_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +85,22 @@ def test_one_step_forecast_matches_transformers(engine, hf_forecaster):
     np.testing.assert_allclose(vllm_forecast.distribution.probs, hf_forecast.distribution.probs, atol=1e-6)
     np.testing.assert_allclose(vllm_forecast.return_quantiles, hf_forecast.return_quantiles, atol=1e-7)
     np.testing.assert_allclose(vllm_forecast.prob_up, hf_forecast.prob_up, atol=1e-6)
+
+
+def test_engine_runs_at_the_policy_window(engine, hf_forecaster):
+    assert engine.llm.llm_engine.model_config.max_model_len == hf_forecaster.context_policy.window
+
+
+def test_every_bar_past_the_window_matches_the_forecaster(engine, hf_forecaster):
+    """Histories of 3 windows + 17 bars of real closes: the forecast of each of the last 2 windows' bars, across
+    rebases, equals the Transformers `Forecaster`'s for the same prices."""
+    window = hf_forecaster.context_policy.window
+    prices = load_series("sp500")["close"].to_numpy()[-(3 * window + 17) :]
+    histories = [prices[:n] for n in range(len(prices) - 2 * window + 1, len(prices) + 1)]
+    forecasts = engine.predict_batch(histories, horizon=1)
+    for history, served in zip(histories, forecasts):
+        expected = hf_forecaster.predict(history)
+        np.testing.assert_allclose(served.distribution.probs, expected.distribution.probs, atol=1e-5, err_msg=f"{len(history)} bars")
 
 
 def test_sampled_paths_agree_in_distribution_with_generate(engine, hf_forecaster):

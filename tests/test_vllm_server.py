@@ -16,15 +16,15 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 
-from hf_kvtrade import Forecaster, KVTradeForCausalLM
-from hf_kvtrade.presets import load_preset
+from hf_kvtrade import Forecaster
+from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT
+from hf_kvtrade.data import load_series
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-key"
-MODEL = "kvtrade-tiny"
+MODEL = SHIPPED_CHECKPOINT.name
 MAX_SAMPLES = 64
 STARTUP_TIMEOUT_S = 600
 
@@ -41,11 +41,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("checkpoint") / MODEL
-    Forecaster(KVTradeForCausalLM(load_preset("tiny"))).save_pretrained(path)
-    return path
+def checkpoint():
+    return SHIPPED_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +81,8 @@ def _is_healthy(base_url: str) -> bool:
 @pytest.fixture(scope="module")
 def client(server, checkpoint):
     from hf_kvtrade.client import ForecastClient
-    from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
 
-    return ForecastClient(
-        f"{server['base_url']}/v1", api_key=API_KEY, tokenizer=ReturnTokenizer.from_pretrained(checkpoint)
-    )
+    return ForecastClient(f"{server['base_url']}/v1", checkpoint, api_key=API_KEY)
 
 
 @pytest.fixture
@@ -112,6 +106,33 @@ def test_one_step_forecast_matches_transformers(client, checkpoint):
     local = Forecaster.from_pretrained(checkpoint).predict(prices, horizon=1)
     np.testing.assert_allclose(served.distribution.probs, local.distribution.probs, atol=1e-6)
     np.testing.assert_allclose(served.return_quantiles, local.return_quantiles, atol=1e-7)
+
+
+def test_every_bar_past_the_window_matches_the_forecaster(client, checkpoint):
+    """3 windows + 17 bars of real closes; each bar of the last 2 windows, across rebases, through the server."""
+    local = Forecaster.from_pretrained(checkpoint)
+    window = local.context_policy.window
+    prices = load_series("sp500")["close"].to_numpy()[-(3 * window + 17) :]
+    histories = [prices[:n] for n in range(len(prices) - 2 * window + 1, len(prices) + 1)]
+    for start in range(0, len(histories), 64):
+        batch = histories[start : start + 64]
+        for history, served in zip(batch, client.predict_batch(batch, horizon=1)):
+            expected = local.predict(history)
+            np.testing.assert_allclose(served.distribution.probs, expected.distribution.probs, atol=1e-5, err_msg=f"{len(history)} bars")
+
+
+def test_a_client_for_another_window_is_refused(server, tmp_path):
+    import json
+    import shutil
+
+    from hf_kvtrade.client import ForecastClient
+
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED_CHECKPOINT, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "training_context_length": 512}))
+    with pytest.raises(ValueError, match="max_model_len 256.*512-token window"):
+        ForecastClient(f"{server['base_url']}/v1", other, api_key=API_KEY)
 
 
 def test_sampled_forecasts_for_a_batch_of_series(client):
@@ -162,7 +183,7 @@ BAD_REQUESTS = {
     "empty prompt": ({"prompt": []}, "at least one prompt"),
     "empty prompt in a batch": ({"prompt": [[]]}, "prompt cannot be empty"),
     "text prompt": ({"prompt": "the price goes up"}, "Tokenizer not available"),
-    "prompt longer than the context": ({"prompt": [1] + [500] * 4096}, "maximum context length is 2048"),
+    "prompt longer than the context": ({"prompt": [1] + [500] * 300}, "maximum context length is 256"),
     "absurd n": ({"prompt": [1, 500], "n": 10**9}, f"limit of {MAX_SAMPLES} samples"),
     "zero n": ({"prompt": [1, 500], "n": 0}, "n must be at least 1"),
     "absurd max_tokens": ({"prompt": [1, 500], "max_tokens": 10**12}, "cannot be greater than max_model_len"),
