@@ -5,12 +5,17 @@ Timing convention: the position held over bar ``t`` (from close ``t-1`` to close
 every close; a change of position costs ``transaction_cost`` times the traded fraction. Drift of weights inside a
 bar is ignored (one rebalance per bar), which keeps the accounting hand-checkable.
 
+Each series is traded by two forecast-driven rules on the same streamed forecasts: ``model`` follows the
+all-or-nothing :class:`~hf_kvtrade.signals.SignalRule`, ``model_vol_target`` the position sized by the forecast
+volatility (:class:`~hf_kvtrade.signals.VolTargetRule`), whose default target is the series' own std before the
+test period, the same target as the ``garch_vol_scaled`` baseline.
+
 Risk and return metrics come from empyrical; only the win rate (which it lacks) is counted here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import empyrical
 import numpy as np
@@ -18,7 +23,7 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .signals import SignalRule
+from .signals import SignalRule, VolTargetRule
 from .streaming import StreamingForecaster
 
 TRADING_DAYS_PER_YEAR = 252
@@ -87,6 +92,15 @@ def performance(book: pd.DataFrame, annualization: float) -> dict[str, float]:
 def _finite(value) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
+
+
+def pretest_volatility(closes: pd.Series, test_start: pd.Timestamp) -> float:
+    """Std of the log-returns before ``test_start``: the volatility target of the vol-scaled strategies."""
+    log_returns = np.log(closes).diff().dropna()
+    before = log_returns[log_returns.index < test_start]
+    if len(before) < 2:
+        raise ValueError(f"need at least 2 returns before the test period, got {len(before)}")
+    return float(before.std())
 
 
 # -------------------------------------------------------------------------------------------------- baselines
@@ -202,17 +216,26 @@ def backtest_series(
     warmup: int,
     momentum_lookback: int = 20,
     progress: tqdm | None = None,
+    vol_rule: VolTargetRule | None = None,
 ) -> dict:
-    """All single-asset strategies over the test bars of one series; returns books, metrics and forecasts."""
+    """All single-asset strategies over the test bars of one series; returns books, metrics and forecasts.
+
+    ``vol_rule`` defaults to a :class:`VolTargetRule` with ``rule``'s costs and shorting; without a target of its
+    own it aims at :func:`pretest_volatility`.
+    """
     history = closes[closes.index < test_start].iloc[-warmup:]
     test = closes[closes.index >= test_start]
     if len(test) < 3:
         raise ValueError(f"{symbol}: the test period has {len(test)} bars; need at least 3")
     forecasts = stream_forecasts(engine, symbol, history, test, progress)
+    vol_rule = vol_rule or VolTargetRule(transaction_cost=rule.transaction_cost, allow_short=rule.allow_short)
+    vol_target = vol_rule.target_vol or pretest_volatility(closes, test_start)
+    vol_targeted = vol_rule.position(forecasts.prob_up.to_numpy(), forecasts.std_return.to_numpy(), vol_target)
     # Bar t of the evaluation runs from test close t-1 to test close t.
     asset_returns = test.pct_change().iloc[1:]
     positions = {
         "model": forecasts.signal.shift(1).iloc[1:].astype(float),
+        "model_vol_target": pd.Series(vol_targeted, index=forecasts.prob_up.index).shift(1).iloc[1:],
         "buy_and_hold": pd.Series(1.0, index=asset_returns.index),
         "flat": pd.Series(0.0, index=asset_returns.index),
         "momentum": momentum_positions(closes, momentum_lookback, rule.allow_short).reindex(asset_returns.index),
@@ -226,6 +249,7 @@ def backtest_series(
         "metrics": {name: performance(book, annualization) for name, book in books.items()},
         "quality": forecast_quality(forecasts, test),
         "annualization": annualization,
+        "vol_target": vol_target,
         "test_start": str(test.index[0]),
         "test_end": str(test.index[-1]),
         "bars": int(len(asset_returns)),
@@ -310,9 +334,13 @@ def run_backtest(
     cache_policy: str = "full",
     limit: int | None = None,
     model_description: str = "",
+    vol_rule: VolTargetRule | None = None,
 ) -> dict:
     """Backtests every series in ``series`` and the book of ``portfolio`` on their held-out periods; writes
-    ``report.json`` and PNG plots into ``out_dir`` and returns the report."""
+    ``report.json`` and PNG plots into ``out_dir`` and returns the report.
+
+    Each series is traded by ``rule`` and by ``vol_rule`` (default: a :class:`VolTargetRule` with ``rule``'s
+    costs and shorting, aimed at each series' pre-test volatility) against the same baselines."""
     import json
     import os
 
@@ -329,12 +357,16 @@ def run_backtest(
         closes = {
             name: close[: close.index.searchsorted(starts[name]) + limit + 1] for name, close in closes.items()
         }
-    portfolio_closes = pd.concat({name: closes[name] for name in portfolio}, axis=1, join="inner").dropna()
+    # `--portfolio` with no names trades the series only.
+    portfolio_closes = (
+        pd.concat({name: closes[name] for name in portfolio}, axis=1, join="inner").dropna() if portfolio else None
+    )
     portfolio_start = max(starts[name] for name in portfolio) if portfolio else None
     total_ticks = sum(int((closes[name].index >= starts[name]).sum()) for name in series)
     if portfolio:
         total_ticks += int((portfolio_closes.index >= portfolio_start).sum()) * len(portfolio)
 
+    vol_rule = vol_rule or VolTargetRule(transaction_cost=rule.transaction_cost, allow_short=rule.allow_short)
     engine = StreamingForecaster(model, tokenizer, cache_policy=cache_policy, signal_rule=rule)
     report = {
         "model": model_description,
@@ -345,15 +377,19 @@ def run_backtest(
             "cost_multiple": rule.cost_multiple,
             "allow_short": rule.allow_short,
         },
+        "vol_target_rule": asdict(vol_rule),
         "warmup_bars": warmup,
         "series": {},
         "plots": [],
     }
     with tqdm(total=total_ticks, desc="backtest", unit="tick") as progress:
         for name in series:
-            result = backtest_series(engine, name, closes[name], starts[name], rule, warmup, progress=progress)
+            result = backtest_series(
+                engine, name, closes[name], starts[name], rule, warmup, progress=progress, vol_rule=vol_rule
+            )
             report["series"][name] = {
-                key: result[key] for key in ("test_start", "test_end", "bars", "annualization", "metrics", "quality")
+                key: result[key]
+                for key in ("test_start", "test_end", "bars", "annualization", "vol_target", "metrics", "quality")
             }
             net = {strategy: book["net"] for strategy, book in result["books"].items()}
             report["plots"].append(plots.plot_equity_curves(net, os.path.join(out_dir, f"equity_{name}.png"), name))
@@ -400,6 +436,7 @@ __all__ = [
     "momentum_positions",
     "performance",
     "periods_per_year",
+    "pretest_volatility",
     "run_backtest",
     "simulate",
     "simulate_portfolio",

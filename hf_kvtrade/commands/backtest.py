@@ -1,10 +1,13 @@
-"""`kvtrade backtest`: walk-forward backtest of the streaming forecaster on bundled held-out data."""
+"""`kvtrade backtest`: walk-forward backtest of the streaming forecaster on bundled held-out data.
+
+Every series is traded by both signal rules on the same forecasts (``model``: the all-or-nothing SignalRule;
+``model_vol_target``: the VolTargetRule), next to the same baselines."""
 
 from __future__ import annotations
 
 from ..checkpoint import SHIPPED_CHECKPOINT
 
-DEFAULT_SERIES = ("sp500", "nasdaq", "eurusd_h1")
+DEFAULT_SERIES = ("sp500", "nasdaq", "eurusd_h1", "btc_usd_1h")
 DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj")
 
 
@@ -18,7 +21,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--cost", type=float, default=2e-4, help="one-way transaction cost (default: %(default)s)")
     parser.add_argument("--prob-threshold", type=float, default=0.52, help="P(up) needed to go long")
-    parser.add_argument("--long-only", action="store_true", help="never go short")
+    parser.add_argument("--long-only", action="store_true", help="never go short (both rules)")
+    parser.add_argument("--target-vol", type=float,
+                        help="per-bar volatility target of the vol-targeting rule (default: each series' std "
+                             "before its test period, as the GARCH baseline)")
+    parser.add_argument("--max-leverage", type=float, default=2.0, help="position cap of the vol-targeting rule")
+    parser.add_argument("--vol-fallback", choices=("long", "flat"), default="long",
+                        help="vol-targeting position when P(up) is too close to 1/2 to pay the costs "
+                             "(default: %(default)s, the vol-scaled long)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=512, help="bars before the test period to prime each session")
     parser.add_argument("--policy", default="full", help="cache policy of the streaming engine")
     parser.add_argument("--limit", type=int, help="trade only the first N test bars of each series (quick runs)")
@@ -32,7 +42,7 @@ def run(args) -> int:
     import torch
 
     from ..backtest import run_backtest
-    from ..signals import SignalRule
+    from ..signals import SignalRule, VolTargetRule
     from ..checkpoint import load_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -40,6 +50,13 @@ def run(args) -> int:
     description = f"checkpoint {args.checkpoint}"
     print(f"model: {description}")
     rule = SignalRule(prob_threshold=args.prob_threshold, transaction_cost=args.cost, allow_short=not args.long_only)
+    vol_rule = VolTargetRule(
+        target_vol=args.target_vol,
+        max_leverage=args.max_leverage,
+        transaction_cost=args.cost,
+        allow_short=not args.long_only,
+        fallback=args.vol_fallback,
+    )
     report = run_backtest(
         model,
         tokenizer,
@@ -47,13 +64,15 @@ def run(args) -> int:
         series=list(args.series),
         portfolio=list(args.portfolio),
         rule=rule,
+        vol_rule=vol_rule,
         warmup=args.warmup,
         cache_policy=args.policy,
         limit=args.limit,
         model_description=description,
     )
     for name, result in report["series"].items():
-        print(f"\n{name} ({result['test_start']} .. {result['test_end']}, {result['bars']} bars)")
+        print(f"\n{name} ({result['test_start']} .. {result['test_end']}, {result['bars']} bars, "
+              f"vol target {result['vol_target']:.5f} per bar)")  # fmt: skip
         for strategy, metrics in result["metrics"].items():
             print(f"  {strategy:18s} {_summary(metrics)}")
     if "multi_asset" in report:
