@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: setup
 	$(VENV)/bin/kvtrade demo --out $(OUT)
 
-bench: $(STAMP)
+bench: setup
 	$(VENV)/bin/kvtrade bench all --out $(OUT)/bench
 
 clean:

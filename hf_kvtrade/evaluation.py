@@ -216,13 +216,20 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dic
     }
 
 
-def heldout_series_names(frames: dict[str, pd.DataFrame]) -> list[str]:
-    """Series whose test period begins after every same-frequency series' training period ends."""
+def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str] | None = None) -> list[str]:
+    """Series whose test period begins after the training period of every peer has ended.
+
+    Peers share a bar frequency and, when ``markets`` names them (equity, fx, crypto...), a market: a crypto
+    series trained into 2019 says little about the S&P 500 in 2017, but another listing of the same stocks would.
+    """
+    markets = markets or {}
     periods = {name: split_periods(frame) for name, frame in frames.items()}
     spacing = {name: frame.index.to_series().diff().median() for name, frame in frames.items()}
     heldout = []
     for name, (_, _, test) in periods.items():
-        peers = [other for other in frames if spacing[other] == spacing[name]]
+        peers = [
+            other for other in frames if spacing[other] == spacing[name] and markets.get(other) == markets.get(name)
+        ]
         if all(periods[other][0].index[-1] < test.index[0] for other in peers):
             heldout.append(name)
     return heldout

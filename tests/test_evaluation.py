@@ -128,6 +128,8 @@ def test_heldout_series_exclude_test_periods_inside_other_training_periods():
     }
     # "early" is tested on days that "late" trains on; hourly bars only compete with hourly bars.
     assert heldout_series_names(frames) == ["late", "hourly"]
+    # A series of another market does not compete either: "early" is held out once "late" trades elsewhere.
+    assert heldout_series_names(frames, {"early": "equity", "late": "crypto"}) == ["early", "late", "hourly"]
 
 
 def test_model_card_gets_one_evaluation_section(tmp_path):

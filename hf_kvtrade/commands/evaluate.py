@@ -28,7 +28,10 @@ def run(args) -> int:
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     frames, _ = select_frames("all" if args.series == "heldout" else args.series, args.data_file)
     if args.series == "heldout":
-        frames = {name: frames[name] for name in heldout_series_names(frames)}
+        from ..data.bundled import series_info
+
+        markets = {name: series_info(name).market for name in frames}
+        frames = {name: frames[name] for name in heldout_series_names(frames, markets)}
     results = evaluate(frames, forecaster.model, forecaster.tokenizer)
     results["checkpoint"] = args.checkpoint
     results["series_selection"] = args.series
