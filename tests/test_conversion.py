@@ -106,7 +106,7 @@ def test_cli_reports_bad_kv_heads(tmp_path, mha_checkpoint):
 
 def test_cli_writes_report(tmp_path, mha_checkpoint, capsys):
     destination = tmp_path / "mqa"
-    main(["convert-gqa", str(mha_checkpoint), str(destination), "--kv-heads", "1", "--series", "sp500", "--context-length", "64"])
+    main(["convert-gqa", str(mha_checkpoint), str(destination), "--kv-heads", "1", "--series", "sp500"])
     report = json.loads((destination / "conversion.json").read_text())
     assert report["kv_heads"] == 1 and report["series"] == ["sp500"]
     assert "converted" in capsys.readouterr().out
