@@ -10,8 +10,8 @@ One run, one machine, every comparison side by side:
     with vLLM's flat logprobs and with no logprobs at all, which splits its cost into model and output path.
 (b) ``load``: p50/p99 latency and throughput with 64 and 256 concurrent clients (``--concurrency``), each sending
     ROUNDS requests one after the other (a new bar each round), against a real ``kvtrade serve`` server and against
-    the HTTP server a user would write around ``Forecaster.predict`` (``_naive_server``), both started here on
-    127.0.0.1 and stopped at the end.
+    the HTTP server a user would write around ``Forecaster.predict`` (``_naive_server``, measured threaded and
+    serialized), all started here on 127.0.0.1 and stopped at the end.
 (c) ``prefix``: the prefix-cache hit ratio of a live stream past the context window: one horizon-1 forecast per
     bar of a real series (``--stream-series``, ``--stream-bars``), through the server (``usage.prompt_tokens_details
     .cached_tokens``) and through the offline engine (``RequestOutput.num_cached_tokens``), with the policy's
@@ -63,9 +63,9 @@ def add_arguments(parser) -> None:
     )  # fmt: skip
     parser.add_argument("--level-timeout", type=float, default=300.0, help="seconds a load level may take before it is cut")
     parser.add_argument(
-        "--naive", choices=("threaded", "serialized", "both"), default="threaded",
-        help="the naive server runs each connection's forecast at once (threaded, the default), one at a time "
-        "(serialized), or both are measured",
+        "--naive", choices=("threaded", "serialized", "both"), default="both",
+        help="the naive server runs each connection's forecast at once (threaded), one at a time (serialized), "
+        "or both are measured (the default)",
     )  # fmt: skip
     parser.add_argument("--stream-series", default="sp500", help="bundled series streamed for the hit ratio")
     parser.add_argument("--stream-bars", type=int, default=2000, help="bars streamed, one request each")
@@ -124,15 +124,16 @@ def run(args) -> int:
     started = time.perf_counter()
     if "throughput" in sections or "prefix" in sections:
         payload.update(_offline_sections(args, checkpoint, sections))
+    payload["setup"]["load_average"]["before_server"] = list(os.getloadavg())
     if "load" in sections or "prefix" in sections:
         for key, value in _server_sections(args, checkpoint, sections).items():
             payload.setdefault(key, {}).update(value)
     if "load" in sections:
-        for serialize in {"threaded": [False], "serialized": [True], "both": [False, True]}[args.naive]:
+        for serialize in {"threaded": [False], "serialized": [True], "both": [True, False]}[args.naive]:
+            payload["setup"]["load_average"][f"before_naive{'_serialized' * serialize}"] = list(os.getloadavg())
             name = "transformers_naive_serialized" if serialize else "transformers_naive"
             payload["load"][name] = _naive_load(args, checkpoint, serialize)
         payload["load"]["ratios"] = _load_ratios(payload["load"])
-    payload["setup"]["load_average_after"] = list(os.getloadavg())
     payload["explanation"] = explain(payload)
     payload["setup"]["wall_s"] = round(time.perf_counter() - started, 1)
     payload["machine"] = machine_info()
@@ -158,7 +159,7 @@ def _setup(args, checkpoint, sections) -> dict:
         "rounds": args.rounds,
         "load_kinds": list(args.load_kinds),
         "naive": args.naive,
-        "load_average_before": list(os.getloadavg()),
+        "load_average": {"start": list(os.getloadavg())},
         "stream": {"series": args.stream_series, "bars": args.stream_bars},
         "vllm_compiled": args.compile,
         "quick": args.quick,
@@ -233,9 +234,11 @@ def _throughput(args, hf, vllm, policy) -> dict:
         "hf_h1": hf_h1, "vllm_h1": vllm_h1, "vllm_h1_flat": vllm_h1_flat, "vllm_h1_no_logprobs": vllm_h1_bare,
     }  # fmt: skip
     print("warming up", flush=True)
-    hf.predict(histories[0], horizon=2, num_samples=2)
-    vllm.predict_batch(histories[:2], horizon=args.steps, num_samples=2)
-    vllm.predict_batch(histories[:2], horizon=1)
+    for _ in range(2):
+        hf.predict(histories[0], horizon=args.steps, num_samples=args.paths)
+        hf.predict(histories[0], horizon=1)
+        vllm.predict_batch(histories[:2], horizon=args.steps, num_samples=args.paths)
+        vllm.predict_batch(histories[:2], horizon=1)
     seconds = {name: [] for name in candidates}
     for repeat in range(args.repeats):
         # Alternate the order, so a slow moment of a shared machine does not always fall on the same side.
@@ -529,6 +532,9 @@ def _vllm_load(args, client, hf) -> dict:
                     return probs
                 return np.array([choice["token_ids"] for choice in answer["choices"]])
 
+            if concurrency == args.concurrency[0]:
+                _warm_up(url, [[json.dumps(vllm_request(client, prompt, kind, args)).encode()] for prompt in
+                               matched_prompts(hf, client, random_histories(1, args.bars, 1, seed=5), horizon)])
             print(f"load: vLLM server, {kind}, {concurrency} clients x {args.rounds}", flush=True)
             results.setdefault(kind, {})[str(concurrency)] = asyncio.run(
                 load_level(url, bodies, parse, args.level_timeout, cached_tokens=True)
@@ -582,6 +588,10 @@ def _naive_load(args, checkpoint: Path, serialize: bool) -> dict:
 
                         return np.asarray(answer["probs"] if kind == "h1" else answer["paths"])
 
+                    if concurrency == args.concurrency[0]:
+                        warm = random_histories(1, args.bars, 1, seed=5)[0]
+                        body = {"prices": warm.tolist(), "horizon": horizon, "num_samples": args.paths}
+                        _warm_up(f"http://127.0.0.1:{port}/forecast", [[json.dumps(body).encode()]])
                     print(f"load: naive Transformers server{' (serialized)' * serialize}, {kind}, "
                           f"{concurrency} clients x {args.rounds}", flush=True)
                     results.setdefault(kind, {})[str(concurrency)] = asyncio.run(
@@ -589,6 +599,14 @@ def _naive_load(args, checkpoint: Path, serialize: bool) -> dict:
                     )
                     _print_level(results[kind][str(concurrency)])
     return results
+
+
+def _warm_up(url: str, bodies: list[list[bytes]]) -> None:
+    """Untimed requests before a server's first level: its first calls of each kind are not what is measured."""
+    import httpx
+
+    for body in bodies[0][:1] * 2:
+        httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=STARTUP_TIMEOUT_S)
 
 
 async def load_level(url: str, bodies: list[list[bytes]], parse, timeout_s: float, cached_tokens: bool = False) -> dict:
