@@ -1,5 +1,11 @@
 """Training a KVTrade model on price series with `transformers.Trainer`, and publishing the result.
 
+Training has two stages. An optional synthetic stage pretrains on return series of known dynamics
+(:mod:`hf_kvtrade.synthetic`: GARCH, GJR, stochastic volatility, regimes, jumps, tick sizes), so the model learns to
+infer the volatility state from its context across every volatility level; the real stage then fine-tunes on the
+training periods of the real series. Both stages are validated on the real validation periods, and the real
+stage keeps its best weights by that loss.
+
 The Trainer (accelerate underneath) does the loop, so the same code runs on one CPU, one GPU or many: launch
 ``kvtrade train`` with ``accelerate launch -m hf_kvtrade.cli train ...`` for data-parallel training (see
 docs/data.md). The loss is the model's own next-token cross-entropy over return bins.
@@ -18,8 +24,18 @@ import pandas as pd
 
 from .configuration_kvtrade import KVTradeConfig
 from .context import ContextPolicy
-from .data.windows import PERIOD_FRACTIONS, split_periods, token_windows
+from .data.windows import PERIOD_FRACTIONS, policy_windows, split_periods, token_windows, tokenize_period
 from .tokenization_kvtrade import ReturnTokenizer
+
+
+@dataclass(frozen=True)
+class SyntheticStage:
+    """The pretraining stage: ``num_series`` synthetic series of one window each, ``max_steps`` optimizer steps."""
+
+    num_series: int
+    max_steps: int
+    learning_rate: float = 1e-3
+    seed: int = 0
 
 
 @dataclass
@@ -36,6 +52,8 @@ class TrainingRun:
     num_parameters: int
     num_train_windows: int
     num_train_tokens: int
+    synthetic: SyntheticStage | None = None
+    synthetic_validation_loss: float | None = None
     periods: list[dict] = field(default_factory=list)
     log_history: list[dict] = field(default_factory=list, repr=False)
 
@@ -57,6 +75,54 @@ def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer,
     return windows.remove_columns(["series", "start"]).with_format("torch")
 
 
+def synthetic_windows(stage: SyntheticStage, tokenizer: ReturnTokenizer, policy: ContextPolicy):
+    """One policy window per synthetic series, every token scored: the contexts of a series' first ``window`` bars.
+
+    The calendar of a series does not reach the model (it sees returns only), so hourly stamps serve them all.
+    """
+    from datasets import Dataset
+
+    from .synthetic import synthetic_frames
+
+    frames = synthetic_frames(stage.num_series, policy.window, seed=stage.seed)
+    rows = [policy_windows(tokenize_period(frame, tokenizer), policy, tokenizer.pad_token_id)[:2] for frame in frames.values()]
+    return Dataset.from_dict(
+        {"input_ids": np.concatenate([ids for ids, _ in rows]), "labels": np.concatenate([labels for _, labels in rows])}
+    ).with_format("torch")
+
+
+def _training_arguments(scratch: str, max_steps: int, learning_rate: float, batch_size: int, weight_decay: float,
+                        warmup: float, eval_steps: int, seed: int, logging_steps: int, use_cpu: bool):  # fmt: skip
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=scratch,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup,
+        weight_decay=weight_decay,
+        max_grad_norm=1.0,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        logging_steps=logging_steps,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=use_cpu,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 def train(
     config: KVTradeConfig,
     frames: dict[str, pd.DataFrame],
@@ -72,16 +138,19 @@ def train(
     seed: int = 0,
     logging_steps: int = 10,
     use_cpu: bool = True,
+    synthetic: SyntheticStage | None = None,
 ) -> TrainingRun:
-    """Trains a fresh model of ``config`` on ``frames`` and saves it with its tokenizer to ``output_dir``.
+    """Trains a fresh model of ``config`` (first on ``synthetic`` series, if given, then on ``frames``) and saves it
+    with its tokenizer to ``output_dir``.
 
     Windows follow the context policy of ``window_length`` and ``context_stride`` (default half the window), which
     is saved in the checkpoint's config: the model is trained and validated on the contexts it gets in serving.
-    The validation loss is measured every ``eval_steps`` steps and the best weights are the ones kept
-    (``load_best_model_at_end``), so a run longer than the data supports does not ship an overfitted model.
+    The validation loss is measured every ``eval_steps`` steps and the best weights of the real stage are the
+    ones kept (``load_best_model_at_end``), so a run longer than the data supports does not ship an overfitted
+    model.
     """
     import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import Trainer, default_data_collator, set_seed
 
     from .forecasting import Forecaster
     from .modeling_kvtrade import KVTradeForCausalLM
@@ -93,46 +162,37 @@ def train(
     policy = ContextPolicy(window=window_length, stride=context_stride or window_length // 2)
     windows = trainer_windows(frames, tokenizer, policy)
     model = KVTradeForCausalLM(config)
-
+    settings = dict(batch_size=batch_size, weight_decay=weight_decay, warmup=warmup, eval_steps=eval_steps, seed=seed,
+                    logging_steps=logging_steps, use_cpu=use_cpu)  # fmt: skip
+    log_history = []
+    synthetic_validation_loss = None
+    started, started_cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
-        arguments = TrainingArguments(
-            output_dir=scratch,
-            max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=warmup,
-            weight_decay=weight_decay,
-            max_grad_norm=1.0,
-            eval_strategy="steps",
-            eval_steps=eval_steps,
-            save_strategy="steps",
-            save_steps=eval_steps,
-            save_total_limit=1,
-            save_only_model=True,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            logging_steps=logging_steps,
-            seed=seed,
-            data_seed=seed,
-            use_cpu=use_cpu,
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        if synthetic is not None and synthetic.max_steps > 0:
+            pretrainer = Trainer(
+                model=model,
+                args=_training_arguments(os.path.join(scratch, "synthetic"), synthetic.max_steps, synthetic.learning_rate, **settings),
+                train_dataset=synthetic_windows(synthetic, tokenizer, policy),
+                eval_dataset=windows["validation"],
+                data_collator=default_data_collator,
+            )
+            initial_loss = pretrainer.evaluate()["eval_loss"]
+            pretrainer.train()
+            model, synthetic_validation_loss = pretrainer.model, float(pretrainer.state.best_metric)
+            log_history = [{**entry, "stage": "synthetic"} for entry in pretrainer.state.log_history]
         trainer = Trainer(
             model=model,
-            args=arguments,
+            args=_training_arguments(os.path.join(scratch, "real"), max_steps, learning_rate, **settings),
             train_dataset=windows["train"],
             eval_dataset=windows["validation"],
             data_collator=default_data_collator,
         )
-        initial_loss = trainer.evaluate()["eval_loss"]
-        started, started_cpu = time.perf_counter(), time.process_time()
+        if synthetic_validation_loss is None:
+            initial_loss = trainer.evaluate()["eval_loss"]
         trainer.train()
         train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         best_checkpoint = trainer.state.best_model_checkpoint
+        log_history += [{**entry, "stage": "real"} for entry in trainer.state.log_history]
 
     model = trainer.model
     # The Trainer switches the cache off for training; inference and vLLM want it on.
@@ -156,8 +216,10 @@ def train(
         num_parameters=model.num_parameters(),
         num_train_windows=windows["train"].num_rows,
         num_train_tokens=int((train_labels >= 0).sum()),
+        synthetic=synthetic,
+        synthetic_validation_loss=synthetic_validation_loss,
         periods=describe_periods(frames),
-        log_history=trainer.state.log_history,
+        log_history=log_history,
     )
 
 
@@ -192,10 +254,11 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
         f"that many bars of context); {run.num_train_windows} training windows ({run.num_train_tokens:,} scored "
         f"tokens). Training took {run.train_seconds / 60:.1f} minutes of wall time and "
         f"{run.train_cpu_seconds / 60:.1f} minutes of CPU time (all threads).",
+        _synthetic_stage_text(run),
         "## Data",
         "Real series shipped inside PyPI wheels, read offline (see docs/data.md). Every series is split by time: "
         f"the first {PERIOD_FRACTIONS[0]:.0%} of its bars train, the next {PERIOD_FRACTIONS[1]:.0%} validate, the "
-        f"final {PERIOD_FRACTIONS[2]:.0%} are held out for testing. Windows never straddle a split.",
+        f"final {PERIOD_FRACTIONS[2]:.0%} are held out for testing. A period's contexts may reach back into earlier periods, never forward.",
         "| series | description | source | frequency | range | train ends | test starts |",
         "|---|---|---|---|---|---|---|",
         source_rows,
@@ -207,6 +270,19 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
     path = Path(run.output_dir) / "README.md"
     card.save(path)
     return path
+
+
+def _synthetic_stage_text(run: TrainingRun) -> str:
+    if run.synthetic is None or run.synthetic.max_steps == 0:
+        return "No synthetic pretraining: the model saw the real series only."
+    stage = run.synthetic
+    return (
+        f"Pretrained for {stage.max_steps} steps (peak learning rate {stage.learning_rate}) on {stage.num_series:,} "
+        f"synthetic series of one {run.window_length}-bar window each (`hf_kvtrade.synthetic`, seed {stage.seed}: "
+        "GARCH and GJR-GARCH with Student-t innovations, stochastic volatility, regime switches, jumps, per-bar "
+        "volatility from 1e-4 to 5e-2 and price ticks), reaching a real validation loss of "
+        f"{run.synthetic_validation_loss:.4f}; then fine-tuned on the real training periods below."
+    )
 
 
 def push_to_hub(output_dir: str | os.PathLike, repo_id: str, private: bool = False) -> str:

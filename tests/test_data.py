@@ -118,16 +118,23 @@ def test_policy_windows_label_each_token_once_from_its_serving_context(length):
             assert policy.start(start + position) == start
 
 
-def test_token_windows_never_cross_a_period_boundary():
+def test_token_windows_score_each_period_from_its_past_only():
     tokenizer = ReturnTokenizer()
     frame = _synthetic_frame(1003)
-    windows = token_windows({"synthetic": frame}, tokenizer, ContextPolicy(window=64, stride=16))
+    policy = ContextPolicy(window=64, stride=16)
+    windows = token_windows({"synthetic": frame}, tokenizer, policy)
+    ids = tokenize_period(frame, tokenizer)
+    end = 0
     for period, part in zip(("train", "validation", "test"), split_periods(frame)):
-        expected = tokenize_period(part, tokenizer)
-        labels = np.asarray(windows[period]["labels"])
-        # The period's tokens, each scored once and in order: nothing from another period.
-        assert np.array_equal(labels[labels != IGNORE_INDEX], expected[1:])
-        assert windows[period]["start"][0] == part.index[0].isoformat()
+        first, end = max(end, 1), end + len(part)
+        input_ids, labels = np.asarray(windows[period]["input_ids"]), np.asarray(windows[period]["labels"])
+        # The returns ending on the period's bars, each scored once and in order.
+        assert np.array_equal(labels[labels != IGNORE_INDEX], ids[first:end])
+        for row_ids, row_start in zip(input_ids, windows[period]["start"]):
+            start = frame.index.get_loc(pd.Timestamp(row_start))
+            real = int((row_ids != tokenizer.pad_token_id).sum())
+            # A contiguous stretch of history that stops before the next period: the past, never the future.
+            assert start + real <= end and np.array_equal(row_ids[:real], ids[start : start + real])
         assert set(windows[period]["series"]) == {"synthetic"}
 
 

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import shlex
 
+# The defaults reproduce the shipped checkpoint: `kvtrade train` with no options is its recipe.
+SHIPPED_RECIPE = {
+    "context_length": 1024,
+    "synthetic_series": 6000,
+    "synthetic_steps": 700,
+    "synthetic_learning_rate": 1e-3,
+    "max_steps": 500,
+    "learning_rate": 3e-4,
+}
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model on price series and save a checkpoint")
@@ -14,12 +24,18 @@ def register(subparsers) -> None:
     parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
                         help="a CSV or Parquet OHLCV file with 'timestamp' and 'close' columns (repeatable)")
     parser.add_argument("--output-dir", default="checkpoints/kvtrade-small")
-    parser.add_argument("--context-length", type=int, default=512, help="tokens per training window (default: %(default)s)")
+    parser.add_argument("--context-length", type=int, default=SHIPPED_RECIPE["context_length"],
+                        help="tokens per training window (default: %(default)s)")
     parser.add_argument("--context-stride", type=int,
                         help="tokens the context anchor moves at a rebase, saved in the checkpoint (default: half the context length)")
+    parser.add_argument("--synthetic-series", type=int, default=SHIPPED_RECIPE["synthetic_series"],
+                        help="synthetic series (one window each) for the pretraining stage (default: %(default)s)")
+    parser.add_argument("--synthetic-steps", type=int, default=SHIPPED_RECIPE["synthetic_steps"],
+                        help="optimizer steps of the synthetic stage; 0 trains on the real series only (default: %(default)s)")
+    parser.add_argument("--synthetic-learning-rate", type=float, default=SHIPPED_RECIPE["synthetic_learning_rate"])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-steps", type=int, default=SHIPPED_RECIPE["max_steps"], help="optimizer steps of the real stage")
+    parser.add_argument("--learning-rate", type=float, default=SHIPPED_RECIPE["learning_rate"], help="peak learning rate of the real stage")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -38,6 +54,8 @@ def reproducible_command(args) -> str:
         "--output-dir", args.output_dir,
         "--context-length", str(args.context_length),
         *(["--context-stride", str(args.context_stride)] if args.context_stride is not None else []),
+        "--synthetic-series", str(args.synthetic_series), "--synthetic-steps", str(args.synthetic_steps),
+        "--synthetic-learning-rate", str(args.synthetic_learning_rate),
         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
         "--learning-rate", str(args.learning_rate), "--weight-decay", str(args.weight_decay),
         "--eval-steps", str(args.eval_steps), "--seed", str(args.seed),
@@ -68,7 +86,7 @@ def run(args) -> int:
     import torch
 
     from ..presets import load_preset
-    from ..training import push_to_hub, train, write_model_card
+    from ..training import SyntheticStage, push_to_hub, train, write_model_card
 
     config = load_preset(args.preset, attention=args.attention, kv_heads=args.kv_heads)
     frames, sources = select_frames(args.series, args.data_file)
@@ -85,6 +103,7 @@ def run(args) -> int:
         eval_steps=args.eval_steps,
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
+        synthetic=SyntheticStage(args.synthetic_series, args.synthetic_steps, args.synthetic_learning_rate, args.seed),
     )
     write_model_card(result, reproducible_command(args), sources)
     print(

@@ -1,8 +1,9 @@
 """Time splits and token windows: from price frames to the ``datasets.Dataset`` the Trainer consumes.
 
 Every series is split by time into a train, a validation and a test period (:data:`PERIOD_FRACTIONS` of its
-bars, in that order, so the test period is the final stretch). Each period is tokenized on its own and cut into
-windows, so no window straddles a boundary and nothing from a later period leaks into an earlier one.
+bars, in that order, so the test period is the final stretch). A period's targets are the returns that end on its
+bars, and their contexts may reach back into earlier periods (that is the past, as in serving and in
+``evaluation``), never forward: nothing from a later period leaks into an earlier one.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ def tokenize_period(frame: pd.DataFrame, tokenizer: ReturnTokenizer) -> np.ndarr
         return tokenizer.encode(frame["close"].to_numpy(), timestamps=frame.index.asi8)
 
 
-def policy_windows(ids: np.ndarray, policy: ContextPolicy, pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def policy_windows(
+    ids: np.ndarray, policy: ContextPolicy, pad_token_id: int, first_target: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(input_ids, labels, starts)``: the windows of ``policy.scoring_windows`` over ``ids``, right-padded.
 
-    Labels are -100 except on the tokens each window scores, so training sees every token exactly once, forecast
-    from exactly the context the policy gives it in serving. Padding comes after every real token, so causal
-    attention keeps it out of every scored position.
+    Labels are -100 except on the tokens each window scores (``ids[first_target:]``), so training sees every token
+    exactly once, forecast from exactly the context the policy gives it in serving. Padding comes after every real
+    token, so causal attention keeps it out of every scored position.
     """
-    windows = policy.scoring_windows(len(ids)) if len(ids) > 1 else []
+    windows = policy.scoring_windows(len(ids), first_target) if len(ids) > first_target else []
     input_ids = np.full((len(windows), policy.window), pad_token_id, dtype=np.int64)
     labels = np.full((len(windows), policy.window), IGNORE_INDEX, dtype=np.int64)
     for row, (start, end, first_scored) in enumerate(windows):
@@ -68,16 +71,20 @@ def token_windows(
 
     Columns: ``input_ids`` and ``labels`` (the model shifts them itself), ``series`` (its name) and ``start``
     (timestamp of the window's first bar, ISO format). In every split each bar is scored once, from the context
-    the policy gives it, so the validation loss is the serving next-bar loss.
+    the policy gives it after the whole history before it, so the validation loss is the serving next-bar loss
+    and the one ``kvtrade evaluate`` reports on the test period.
     """
     from datasets import Dataset, DatasetDict
 
     items = frames.items() if isinstance(frames, dict) else frames
     columns = {period: {"input_ids": [], "labels": [], "series": [], "start": []} for period in PERIODS}
     for name, frame in items:
-        for period, part in zip(PERIODS, split_periods(frame, fractions)):
-            input_ids, labels, first_tokens = policy_windows(tokenize_period(part, tokenizer), policy, tokenizer.pad_token_id)
-            starts = part.index[first_tokens]
+        ids = tokenize_period(frame, tokenizer)  # ids[k] is the return ending on bar k
+        bounds = np.cumsum([0, *(len(part) for part in split_periods(frame, fractions))])
+        for period, first_bar, end_bar in zip(PERIODS, bounds[:-1], bounds[1:]):
+            first_target = max(int(first_bar), 1)
+            input_ids, labels, first_tokens = policy_windows(ids[:end_bar], policy, tokenizer.pad_token_id, first_target)
+            starts = frame.index[first_tokens]
             columns[period]["input_ids"].extend(input_ids.tolist())
             columns[period]["labels"].extend(labels.tolist())
             columns[period]["series"].extend([name] * len(input_ids))
