@@ -35,8 +35,12 @@ from .data.windows import split_periods, tokenize_period
 from .distribution import BinnedDistribution
 
 MODEL_NAMES = ("kvtrade", "random_walk", "garch_t", "unconditional")
-METRICS = ("nll", "crps", "coverage_50", "coverage_90", "direction_acc")
+METRICS = ("nll", "crps", "coverage_50", "coverage_90", "direction_acc", "pit_distance")
 INTERVAL_LEVELS = (0.05, 0.25, 0.75, 0.95)
+PIT_BINS = 10
+# The targets of a forecaster worth trading (issue "A forecaster worth trading"): the aggregate NLL at least
+# GARCH-t's, and on every series NLL below the random walk's and the unconditional t's, with calibrated intervals.
+COVERAGE_TARGETS = {"coverage_50": (0.45, 0.55), "coverage_90": (0.87, 0.93)}
 
 
 @dataclass
@@ -59,6 +63,9 @@ class GaussianForecast:
 
     def prob_up(self) -> np.ndarray:
         return stats.norm.sf(0.0, self.mean, self.std)
+
+    def cdf(self, x) -> np.ndarray:
+        return stats.norm.cdf(x, self.mean, self.std)
 
 
 @dataclass
@@ -87,15 +94,20 @@ class StudentTForecast:
     def prob_up(self) -> np.ndarray:
         return stats.t.sf(0.0, self.df, self.loc, self.scale)
 
+    def cdf(self, x) -> np.ndarray:
+        return stats.t.cdf(x, self.df, self.loc, self.scale)
+
 
 def score(forecast, returns: np.ndarray) -> dict:
     """Per-bar means of the metrics for one model's forecasts of the observed log-``returns``.
 
     ``nll`` is the negative log-density of the return (nats per bar; lower is better), ``crps`` in log-return
     units, ``coverage_50``/``coverage_90`` the share of returns inside the central 50%/90% intervals, and
-    ``direction_acc`` the share of bars where ``prob_up > 0.5`` agrees with ``return > 0``.
+    ``direction_acc`` the share of bars where ``prob_up > 0.5`` agrees with ``return > 0``, and ``pit_distance``
+    the share of bars that would have to move for the PIT histogram (:data:`PIT_BINS` bins) to be flat: 0 when
+    calibrated, larger for over-dispersed (hump) or under-dispersed (U) forecasts.
     """
-    return _means(per_bar_scores(forecast, np.asarray(returns, dtype=np.float64)))
+    return summarize(per_bar_scores(forecast, np.asarray(returns, dtype=np.float64)))
 
 
 # ------------------------------------------------------------------------------------------------- baselines
@@ -191,6 +203,7 @@ def per_bar_scores(forecast, returns: np.ndarray) -> dict[str, np.ndarray]:
         "coverage_50": (returns >= q25) & (returns <= q75),
         "coverage_90": (returns >= q05) & (returns <= q95),
         "direction_acc": (forecast.prob_up() > 0.5) == (returns > 0),
+        "pit": forecast.cdf(returns),
     }
 
 
@@ -202,18 +215,65 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dic
         bars, target = evaluate_series(frame, model, tokenizer)
         per_series[name] = {
             "num_bars": len(target),
-            "models": {model_name: _means(terms) for model_name, terms in bars.items()},
+            "models": {model_name: summarize(terms) for model_name, terms in bars.items()},
         }
         for model_name, terms in bars.items():
             for metric, values in terms.items():
                 pooled.setdefault(model_name, {}).setdefault(metric, []).append(values)
-    models = {name: _means({metric: np.concatenate(parts) for metric, parts in terms.items()}) for name, terms in pooled.items()}
-    return {
+    models = {name: summarize({metric: np.concatenate(parts) for metric, parts in terms.items()}) for name, terms in pooled.items()}
+    results = {
         "num_bars": sum(entry["num_bars"] for entry in per_series.values()),
         "context_policy": None if model is None else vars(ContextPolicy.from_config(model.config)),
         "models": models,
         "series": per_series,
     }
+    if model is not None:
+        results["targets"] = check_targets(results)
+    return results
+
+
+def check_targets(results: dict, model_name: str = "kvtrade") -> dict:
+    """Which targets ``model_name`` meets: ``{"aggregate": {...}, "series": {name: {...}}}``, each a bool.
+
+    Aggregate: NLL at most GARCH-t's. Every series: NLL below the random walk's and the unconditional t's, and
+    each interval's coverage inside :data:`COVERAGE_TARGETS`.
+    """
+
+    def checks(models: dict) -> dict:
+        mine = models[model_name]
+        return {
+            "nll_vs_random_walk": mine["nll"] < models["random_walk"]["nll"],
+            "nll_vs_unconditional": mine["nll"] < models["unconditional"]["nll"],
+            **{metric: low <= mine[metric] <= high for metric, (low, high) in COVERAGE_TARGETS.items()},
+        }
+
+    aggregate = results["models"]
+    return {
+        "aggregate": {"nll_vs_garch_t": aggregate[model_name]["nll"] <= aggregate["garch_t"]["nll"]},
+        "series": {name: checks(entry["models"]) for name, entry in results["series"].items()},
+    }
+
+
+def context_length_curve(frames: dict[str, pd.DataFrame], model, tokenizer, lengths) -> dict[int, float]:
+    """Pooled test-period NLL of the model under a policy window of each length in ``lengths`` (stride half of it).
+
+    Contexts then span half a window to a whole one, as in serving. Lengths beyond the checkpoint's own window
+    would put positions the model never learned, so they are refused.
+    """
+    window = ContextPolicy.from_config(model.config).window
+    if any(length > window or length < 4 for length in lengths):
+        raise ValueError(f"context lengths must lie in [4, {window}] (the checkpoint's window), got {list(lengths)}")
+    nll = {}
+    for length in lengths:
+        policy = ContextPolicy(window=length, stride=length // 2)
+        values = []
+        for frame in frames.values():
+            ids = tokenize_period(frame, tokenizer)
+            first_target = len(ids) - len(split_periods(frame)[2])
+            returns = np.diff(np.log(frame["close"].to_numpy()))[first_target - 1 :]
+            values.append(-model_forecast(model, tokenizer, ids, first_target, policy).log_density(returns))
+        nll[length] = float(np.mean(np.concatenate(values)))
+    return nll
 
 
 def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str] | None = None) -> list[str]:
@@ -235,20 +295,105 @@ def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str
     return heldout
 
 
-def _means(terms: dict[str, np.ndarray]) -> dict[str, float]:
-    return {metric: float(np.mean(values)) for metric, values in terms.items()}
+def summarize(terms: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of the per-bar metrics, and the PIT histogram's distance from flat."""
+    summary = {metric: float(np.mean(values)) for metric, values in terms.items() if metric != "pit"}
+    counts, _ = np.histogram(terms["pit"], bins=PIT_BINS, range=(0.0, 1.0))
+    summary["pit_distance"] = float(0.5 * np.abs(counts / max(len(terms["pit"]), 1) - 1.0 / PIT_BINS).sum())
+    return summary
+
+
+def _mark(met: bool) -> str:
+    return "met" if met else "MISSED"
 
 
 def format_table(results: dict) -> str:
+    """The pooled table of every model; with a model, also its per-series table with each target met or missed."""
     header = f"{'model':<14}" + "".join(f"{metric:>14}" for metric in METRICS)
     rows = [
         f"{name:<14}" + "".join(f"{metrics[metric]:>14.6f}" for metric in METRICS)
         for name, metrics in results["models"].items()
     ]
-    return "\n".join([f"test period: {results['num_bars']} bars", header, *rows])
+    lines = [f"test period: {results['num_bars']} bars", header, *rows]
+    if "targets" not in results:
+        return "\n".join(lines)
+    lines += ["", f"{'series':<22}{'bars':>6}{'kvtrade':>9}{'rw':>9}{'garch_t':>9}{'uncond':>9}{'cov50':>7}{'cov90':>7}"
+              f"{'pit':>6}  targets"]  # fmt: skip
+    for name, entry in results["series"].items():
+        models, checks = entry["models"], results["targets"]["series"][name]
+        missed = [target for target, met in checks.items() if not met]
+        lines.append(
+            f"{name:<22}{entry['num_bars']:>6}"
+            + "".join(f"{models[model]['nll']:>9.4f}" for model in ("kvtrade", "random_walk", "garch_t", "unconditional"))
+            + f"{models['kvtrade']['coverage_50']:>7.3f}{models['kvtrade']['coverage_90']:>7.3f}"
+            + f"{models['kvtrade']['pit_distance']:>6.3f}  {'all met' if not missed else 'MISSED ' + ', '.join(missed)}"
+        )
+    series_checks = results["targets"]["series"].values()
+    for target in next(iter(series_checks), {}):
+        met = sum(checks[target] for checks in series_checks)
+        lines.append(f"target {target} on every series: {_mark(met == len(series_checks))} ({met}/{len(series_checks)})")
+    aggregate = results["models"]
+    lines.append(
+        f"target aggregate NLL <= garch_t: {_mark(results['targets']['aggregate']['nll_vs_garch_t'])} "
+        f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
+    )
+    return "\n".join(lines)
 
 
 EVALUATION_HEADING = "## Test-period evaluation"
+
+
+def markdown_tables(results: dict) -> str:
+    """The pooled table, the per-series table with targets, and the context-length curve, in Markdown."""
+    pooled = "\n".join(
+        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
+        f"| {m['direction_acc']:.3f} | {m['pit_distance']:.3f} |"
+        for name, m in results["models"].items()
+    )
+    parts = [
+        "| model | NLL | CRPS | coverage 50% | coverage 90% | direction | PIT distance |\n|---|---|---|---|---|---|---|\n"
+        + pooled
+    ]
+    if "targets" in results:
+        targets = results["targets"]
+        rows = []
+        for name, entry in results["series"].items():
+            models, checks = entry["models"], targets["series"][name]
+            missed = [target for target, met in checks.items() if not met]
+            rows.append(
+                f"| {name} | {entry['num_bars']} | "
+                + " | ".join(f"{models[model]['nll']:.4f}" for model in MODEL_NAMES)
+                + f" | {models['kvtrade']['coverage_50']:.3f} | {models['kvtrade']['coverage_90']:.3f} "
+                f"| {models['kvtrade']['pit_distance']:.3f} | {'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
+            )
+        parts.append(
+            "| series | bars | kvtrade NLL | random walk | GARCH-t | unconditional t | cov 50% | cov 90% | PIT distance "
+            "| targets |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+        )
+        series_checks = list(targets["series"].values())
+        summary = [
+            f"- {target}: {sum(checks[target] for checks in series_checks)}/{len(series_checks)} series"
+            for target in series_checks[0]
+        ]
+        aggregate = results["models"]
+        summary.append(
+            f"- aggregate NLL <= GARCH-t: {_mark(targets['aggregate']['nll_vs_garch_t'])} "
+            f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
+        )
+        parts.append("Targets met:\n\n" + "\n".join(summary))
+    if "context_length_nll" in results:
+        curve = results["context_length_nll"]
+        parts.append(
+            "Pooled model NLL by policy window (stride half the window, so contexts span half a window to a whole "
+            "one):\n\n| window | "
+            + " | ".join(str(length) for length in curve)
+            + " |\n|---|"
+            + "---|" * len(curve)
+            + "\n| NLL | "
+            + " | ".join(f"{nll:.4f}" for nll in curve.values())
+            + " |"
+        )
+    return "\n\n".join(parts)
 
 
 def update_model_card(checkpoint, results: dict, command: str):
@@ -260,18 +405,13 @@ def update_model_card(checkpoint, results: dict, command: str):
     path = Path(checkpoint) / "README.md"
     card = ModelCard.load(path)
     text = card.text.split(EVALUATION_HEADING)[0].rstrip()
-    rows = "\n".join(
-        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
-        f"| {m['direction_acc']:.3f} |"
-        for name, m in results["models"].items()
-    )
     section = (
         f"{EVALUATION_HEADING}\n\n```bash\n{command}\n```\n\n"
         f"Next-bar forecasts on {results['num_bars']} test bars of {len(results['series'])} series "
         f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. NLL in nats per bar "
         "(lower is better), CRPS in log-return units (lower is better), interval coverage (ideal 0.5 and 0.9), "
-        "direction accuracy. Baselines are described in docs/data.md.\n\n"
-        "| model | NLL | CRPS | coverage 50% | coverage 90% | direction |\n|---|---|---|---|---|---|\n" + rows
+        "direction accuracy, and the share of bars that would have to move to flatten the 10-bin PIT histogram "
+        "(0 is calibrated). Baselines are described in docs/data.md.\n\n" + markdown_tables(results)
     )
     card.text = f"{text}\n\n{section}\n"
     card.save(path)

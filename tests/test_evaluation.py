@@ -10,10 +10,13 @@ from hf_kvtrade.evaluation import (
     MODEL_NAMES,
     GaussianForecast,
     StudentTForecast,
+    check_targets,
+    context_length_curve,
     evaluate,
     evaluate_series,
     format_table,
     heldout_series_names,
+    markdown_tables,
     model_forecast,
     score,
     update_model_card,
@@ -71,6 +74,9 @@ def test_score_of_the_true_distribution_on_iid_student_t_returns():
     wider = StudentTForecast(loc=truth.loc, scale=truth.scale * 1.5, df=DF)
     assert score(wider, returns)["crps"] > metrics["crps"]
     assert score(wider, returns)["coverage_90"] > 0.95
+    # The true forecast's PIT is uniform; an over-dispersed one piles PIT values in the middle (a hump).
+    assert metrics["pit_distance"] < 0.02
+    assert score(wider, returns)["pit_distance"] > 0.1
 
 
 def test_baselines_recover_the_known_answer_on_iid_student_t_prices():
@@ -112,7 +118,7 @@ def test_model_is_scored_by_the_same_code_as_the_baselines(tiny_model):
     bars, target = evaluate_series(student_t_prices(400), tiny_model, tokenizer)
     assert list(bars) == list(MODEL_NAMES)
     for terms in bars.values():
-        assert set(terms) == set(METRICS)
+        assert set(terms) == set(METRICS) - {"pit_distance"} | {"pit"}
         assert all(len(values) == len(target) == 40 for values in terms.values())
         assert np.all(np.isfinite(terms["nll"]))
     # An untrained model is close to uniform over 1024 bins: far worse than the true-shape baselines.
@@ -143,3 +149,38 @@ def test_model_card_gets_one_evaluation_section(tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert card.text.count("## Test-period evaluation") == 1
     assert "Trained." in card.text and "| garch_t |" in card.text and card.data.library_name == "transformers"
+
+
+def _results_with(kvtrade_nll: float, coverage_90: float) -> dict:
+    def model(nll, coverage_90=0.9):
+        return {"nll": nll, "crps": 0.01, "coverage_50": 0.5, "coverage_90": coverage_90, "direction_acc": 0.5, "pit_distance": 0.01}
+
+    baselines = {"random_walk": model(-2.0), "garch_t": model(-2.2), "unconditional": model(-2.1)}
+    series = {"good": {"num_bars": 10, "models": {"kvtrade": model(-2.3), **baselines}},
+              "bad": {"num_bars": 10, "models": {"kvtrade": model(kvtrade_nll, coverage_90), **baselines}}}  # fmt: skip
+    return {"num_bars": 20, "models": {"kvtrade": model(kvtrade_nll), **baselines}, "series": series}
+
+
+def test_targets_are_checked_per_series_and_in_aggregate():
+    results = _results_with(kvtrade_nll=-2.05, coverage_90=0.95)
+    targets = check_targets(results)
+    assert targets["series"]["good"] == dict.fromkeys(targets["series"]["good"], True)
+    # Beats the random walk but not the unconditional t, and its 90% intervals are too wide.
+    assert targets["series"]["bad"] == {
+        "nll_vs_random_walk": True, "nll_vs_unconditional": False, "coverage_50": True, "coverage_90": False,
+    }  # fmt: skip
+    assert targets["aggregate"] == {"nll_vs_garch_t": False}
+    results["targets"] = targets
+    table = format_table(results)
+    assert "MISSED nll_vs_unconditional, coverage_90" in table and "target aggregate NLL <= garch_t: MISSED" in table
+    assert "target coverage_90 on every series: MISSED (1/2)" in table
+    assert "missed: nll_vs_unconditional, coverage_90" in markdown_tables(results)
+
+
+def test_context_length_curve_refuses_positions_beyond_the_trained_window(tiny_model):
+    tokenizer = ReturnTokenizer.from_config(tiny_model.config)
+    frames = {"student_t": student_t_prices(400)}
+    curve = context_length_curve(frames, tiny_model, tokenizer, [8, 32])
+    assert list(curve) == [8, 32] and all(np.isfinite(list(curve.values())))
+    with pytest.raises(ValueError, match=r"\[4, 32\]"):
+        context_length_curve(frames, tiny_model, tokenizer, [64])

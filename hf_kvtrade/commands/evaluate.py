@@ -13,15 +13,33 @@ def register(subparsers) -> None:
                              "every same-frequency series' training period (default: %(default)s)")
     parser.add_argument("--data-file", action="append", default=[], metavar="PATH",
                         help="also evaluate on the final period of this CSV/Parquet OHLCV file (repeatable)")
+    parser.add_argument("--context-lengths", type=_lengths, default="64,128,256,512,1024", metavar="L1,L2,...",
+                        help="also report the model's NLL under policy windows of these lengths, up to the checkpoint's "
+                             "window ('none' to skip; default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     parser.add_argument("--update-card", action="store_true", help="write the table into the checkpoint's model card")
     parser.set_defaults(func=run)  # fmt: skip
 
 
+def _lengths(text: str) -> list[int]:
+    import argparse
+
+    if text == "none":
+        return []
+    try:
+        lengths = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'none', got {text!r}") from None
+    if any(length < 4 for length in lengths):
+        raise argparse.ArgumentTypeError(f"context lengths must be at least 4 tokens, got {text!r}")
+    return lengths
+
+
 def run(args) -> int:
     import json
 
-    from ..evaluation import evaluate, format_table, heldout_series_names, update_model_card
+    from ..context import ContextPolicy
+    from ..evaluation import context_length_curve, evaluate, format_table, heldout_series_names, update_model_card
     from ..forecasting import Forecaster
     from .train import select_frames
 
@@ -36,11 +54,18 @@ def run(args) -> int:
     results["checkpoint"] = args.checkpoint
     results["series_selection"] = args.series
     print(format_table(results))
+    window = ContextPolicy.from_config(forecaster.model.config).window
+    if beyond := [length for length in args.context_lengths if length > window]:
+        print(f"context lengths {beyond} skipped: beyond the checkpoint's {window}-token window, positions it never learned")
+    if lengths := [length for length in args.context_lengths if length <= window]:
+        curve = context_length_curve(frames, forecaster.model, forecaster.tokenizer, lengths)
+        results["context_length_nll"] = curve
+        print("context window -> NLL: " + ", ".join(f"{length}: {nll:.4f}" for length, nll in curve.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
     if args.update_card:
-        command = f"kvtrade evaluate --checkpoint {args.checkpoint} --series {args.series}"
+        command = f"kvtrade evaluate --checkpoint {args.checkpoint} --series {args.series} --update-card"
         print(f"updated {update_model_card(args.checkpoint, results, command)}")
     return 0
