@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--vol-fallback", choices=("long", "flat"), default="long",
                         help="vol-targeting position when P(up) is too close to 1/2 to pay the costs "
                              "(default: %(default)s, the vol-scaled long)")  # fmt: skip
-    parser.add_argument("--warmup", type=int, default=512, help="bars before the test period to prime each session")
+    parser.add_argument("--warmup", type=int,
+                        help="bars before the test period to prime each session (default: the checkpoint's context window)")
     parser.add_argument("--policy", default="full", help="cache policy of the streaming engine")
     parser.add_argument("--limit", type=int, help="trade only the first N test bars of each series (quick runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one-token steps prefer 1)")
@@ -44,6 +45,7 @@ def run(args) -> int:
     from ..backtest import run_backtest
     from ..signals import SignalRule, VolTargetRule
     from ..checkpoint import load_checkpoint
+    from ..context import ContextPolicy
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint)
@@ -65,7 +67,7 @@ def run(args) -> int:
         portfolio=list(args.portfolio),
         rule=rule,
         vol_rule=vol_rule,
-        warmup=args.warmup,
+        warmup=args.warmup or ContextPolicy.from_config(model.config).window,
         cache_policy=args.policy,
         limit=args.limit,
         model_description=description,
