@@ -1,4 +1,4 @@
-"""`kvtrade demo`: the main job on bundled real data with the shipped model: forecast, stream, backtest."""
+"""`kvtrade demo`: the main job on real data (S&P 500, BTC/USD hourly) with the shipped model: forecast, stream, backtest."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ def run(args) -> int:
     from ..cli import main
 
     steps = [
-        ("Next-bar forecast of the S&P 500 (exact next-token distribution)", ["forecast", "--horizon", "1"]),
-        ("Five bars ahead from 256 sampled paths", ["forecast", "--horizon", "5", "--num-samples", "256"]),
-        ("Replaying hourly EUR/USD bar by bar through the streaming engine",
-         ["stream", "--data", "eurusd_h1", "--limit", str(args.stream_bars)]),
+        ("Next-day forecast of the S&P 500 (exact next-token distribution)", ["forecast", "--series", "sp500"]),
+        ("Next-hour forecast of BTC/USD", ["forecast", "--series", "btc_usd_1h"]),
+        ("BTC/USD five hours ahead from 256 sampled paths",
+         ["forecast", "--series", "btc_usd_1h", "--horizon", "5", "--num-samples", "256"]),
+        ("Replaying hourly BTC/USD bar by bar through the streaming engine",
+         ["stream", "--data", "btc_usd_1h", "--limit", str(args.stream_bars)]),
         ("Walk-forward backtest on the held-out test periods", ["backtest", "--out", f"{args.out}/backtest"]),
     ]
     for title, argv in steps:

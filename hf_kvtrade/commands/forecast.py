@@ -8,7 +8,9 @@ from ..checkpoint import SHIPPED_CHECKPOINT
 def register(subparsers) -> None:
     parser = subparsers.add_parser("forecast", help="forecast the next bars of a price series")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
-    parser.add_argument("--csv", help="CSV file with a price column (default: the bundled S&P 500 series)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--series", default="sp500", help="bundled series to forecast (default: %(default)s)")
+    source.add_argument("--csv", help="CSV file with a price column, instead of a bundled series")
     parser.add_argument("--column", default="close", help="price column of --csv (default: %(default)s)")
     parser.add_argument("--horizon", type=int, default=1)
     parser.add_argument("--num-samples", type=int, default=256)
@@ -30,7 +32,7 @@ def run(args) -> int:
     else:
         from ..data import load_series
 
-        prices = load_series("sp500").close.to_numpy()
+        prices = load_series(args.series).close.to_numpy()
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     forecast = forecaster.predict(prices, horizon=args.horizon, num_samples=args.num_samples, seed=args.seed)
     print(f"last price {forecast.last_price:.4f}")
