@@ -66,6 +66,8 @@ def run(args) -> int:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
     if args.update_card:
-        command = f"kvtrade evaluate --checkpoint {args.checkpoint} --series {args.series} --update-card"
+        # The shipped checkpoint's own card names no machine-specific path: the default finds it wherever installed.
+        checkpoint = "" if args.checkpoint == str(SHIPPED_CHECKPOINT) else f" --checkpoint {args.checkpoint}"
+        command = f"kvtrade evaluate{checkpoint} --series {args.series} --update-card"
         print(f"updated {update_model_card(args.checkpoint, results, command)}")
     return 0
