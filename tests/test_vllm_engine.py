@@ -13,6 +13,7 @@ from scipy import stats
 from hf_kvtrade import Forecaster, ReturnTokenizer
 from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT
 from hf_kvtrade.data import load_series
+from hf_kvtrade.evaluation import model_forecast
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +95,16 @@ def test_engine_runs_at_the_policy_window(engine, hf_forecaster):
 def test_every_bar_past_the_window_matches_the_forecaster(engine, hf_forecaster):
     """Histories of 3 windows + 17 bars of real closes: the forecast of each of the last 2 windows' bars, across
     rebases, equals the Transformers `Forecaster`'s for the same prices."""
-    window = hf_forecaster.context_policy.window
-    prices = load_series("sp500")["close"].to_numpy()[-(3 * window + 17) :]
-    histories = [prices[:n] for n in range(len(prices) - 2 * window + 1, len(prices) + 1)]
+    policy = hf_forecaster.context_policy
+    prices = load_series("sp500")["close"].to_numpy()[-(3 * policy.window + 17) :]
+    first = len(prices) - 2 * policy.window
+    histories = [prices[:n] for n in range(first, len(prices))]
+    # Forecaster.predict of every history in one batched pass per policy window (equal bar by bar: test_evaluation).
+    ids = hf_forecaster.tokenizer.encode(prices)
+    expected = model_forecast(hf_forecaster.model, hf_forecaster.tokenizer, ids, first, policy).probs
     forecasts = engine.predict_batch(histories, horizon=1)
-    for history, served in zip(histories, forecasts):
-        expected = hf_forecaster.predict(history)
-        np.testing.assert_allclose(served.distribution.probs, expected.distribution.probs, atol=1e-5, err_msg=f"{len(history)} bars")
+    for history, served, probs in zip(histories, forecasts, expected):
+        np.testing.assert_allclose(served.distribution.probs, probs, atol=1e-5, err_msg=f"{len(history)} bars")
 
 
 def test_sampled_paths_agree_in_distribution_with_generate(engine, hf_forecaster):
