@@ -3,8 +3,9 @@
 The checkpoint is served without a text tokenizer (prompts are lists of return-bin token ids), and in that mode
 vLLM does not check token ids: on the CPU engine a single id outside the vocabulary kills the worker and the
 server with it. ``PromptGuard`` is an ASGI middleware, loaded by vLLM's own ``--middleware`` option, that rejects
-such requests with a 400 before the engine sees them. Everything else vLLM validates itself (empty or too long
-prompts, ``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
+such requests with a 400 before the engine sees them, and with them every other prompt that is not token ids, which
+vLLM would coerce (``"5"`` and ``5.0`` pass as id 5) or fail on with a 500. Everything else vLLM validates itself
+(too long prompts, ``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ MAX_BATCHED_TOKENS = 8192
 class PromptGuard:
     """Pure ASGI middleware that checks ``/v1/completions`` bodies before vLLM parses them.
 
-    Rejects, with vLLM's own error format and a 400: token ids outside ``[0, vocab_size)`` (including non-integer
-    ids), and ``n`` above the server's sample limit (one request would otherwise queue an unbounded number of
-    sequences). The vocabulary size comes from the served model's config in ``app.state.vllm_config``.
+    Rejects, with vLLM's own error format and a 400: any ``prompt`` that ``prompt_problem`` refuses, and ``n`` above
+    the server's sample limit (one request would otherwise queue an unbounded number of sequences). The vocabulary
+    size comes from the served model's config in ``app.state.vllm_config``.
     """
 
     def __init__(self, app) -> None:
@@ -59,38 +60,90 @@ class PromptGuard:
         """``(message, parameter)`` of the first problem vLLM would not catch itself, or None."""
         try:
             request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # vLLM answers malformed JSON with a 400 of its own.
+        except (ValueError, RecursionError):
+            # Malformed JSON, integers too long to parse, nesting too deep to parse: vLLM answers each with a 400.
+            return None
         if not isinstance(request, dict):
             return None
         n = request.get("n")
         if isinstance(n, int) and n > self.max_samples:
             return f"n is {n}, above this server's limit of {self.max_samples} samples per request", "n"
-        for name, prompt in _token_prompts(request.get("prompt")):
-            bad = next((token for token in prompt if not _is_token_id(token, vocab_size)), None)
-            if bad is not None:
-                return (
-                    f"{name} holds token id {bad!r}, outside this model's vocabulary [0, {vocab_size}): prompts are "
-                    "ReturnTokenizer ids (0-3 special, then one id per return bin)",
-                    "prompt",
-                )
+        # A request without a prompt is vLLM's to refuse: it names prompt_embeds as the alternative.
+        if "prompt" in request:
+            problem = prompt_problem(request["prompt"], vocab_size)
+            if problem is not None:
+                return problem, "prompt"
         return None
 
 
-def _token_prompts(prompt) -> list[tuple[str, list]]:
-    """``(name, ids)`` of each token-id prompt: ``prompt`` is one list of ids or a batch of such lists.
+def prompt_problem(prompt, vocab_size: int) -> str | None:
+    """What is wrong with a ``prompt`` and where (``prompt[1][2]``), or None when it is token ids for this model.
 
-    Text prompts are left to vLLM, which refuses them because the server runs without a text tokenizer.
+    A valid prompt is one non-empty list of integer ids in ``[0, vocab_size)``, or a non-empty list of such lists.
+    The server has no text tokenizer, so text is refused like any other value that is not an id.
     """
-    if not isinstance(prompt, list) or not prompt or any(isinstance(item, str) for item in prompt):
-        return []
-    if all(isinstance(item, list) for item in prompt):
-        return [(f"prompt[{index}]", ids) for index, ids in enumerate(prompt)]
-    return [("prompt", prompt)]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        problem = _batch_problem(prompt, vocab_size)
+    else:
+        problem = _ids_problem(
+            prompt, "prompt", vocab_size, "not a list of token ids",
+            "a list among token ids, and ids and lists do not mix at one level",
+        )  # fmt: skip
+    if problem is None:
+        return None
+    return (
+        f"{problem}: a prompt is a non-empty list of ReturnTokenizer ids in [0, {vocab_size}) (0-3 special, then "
+        "one id per return bin), or a non-empty list of such lists"
+    )
 
 
-def _is_token_id(token, vocab_size: int) -> bool:
-    return isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size
+def _batch_problem(batch: list, vocab_size: int) -> str | None:
+    for index, ids in enumerate(batch):
+        problem = _ids_problem(
+            ids, f"prompt[{index}]", vocab_size, "not a list of token ids like prompt[0]",
+            "a list, nested deeper than a batch of lists of token ids",
+        )  # fmt: skip
+        if problem is not None:
+            return problem
+    return None
+
+
+def _ids_problem(ids, where: str, vocab_size: int, not_a_list: str, nested: str) -> str | None:
+    if not isinstance(ids, list):
+        return _value_problem(ids, where, not_a_list)
+    if not ids:
+        return f"{where} is an empty list"
+    for index, token in enumerate(ids):
+        here = f"{where}[{index}]"
+        if isinstance(token, list):
+            return f"{here} is {nested}"
+        if not isinstance(token, int) or isinstance(token, bool):  # JSON true parses to True, an int.
+            return _value_problem(token, here, "not a token id")
+        if not 0 <= token < vocab_size:
+            return f"{here} is token id {_show(token)}, outside this model's vocabulary"
+    return None
+
+
+def _value_problem(value, where: str, expected: str) -> str:
+    if isinstance(value, str):
+        return f"{where} is text ({_show(value)}), and this server has no text tokenizer"
+    if isinstance(value, bool):
+        kind = f"the boolean {_show(value)}"
+    elif isinstance(value, int):
+        kind = f"token id {_show(value)}"
+    elif isinstance(value, float):
+        kind = f"the float {_show(value)}"
+    elif isinstance(value, dict):
+        kind = "a JSON object"
+    else:
+        kind = "null"
+    return f"{where} is {kind}, {expected}"
+
+
+def _show(value, limit: int = 40) -> str:
+    """``value`` as JSON, cut to ``limit`` characters: what a client sends can be megabytes long."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 async def _read_body(receive) -> bytes:
@@ -225,6 +278,7 @@ __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_PORT",
     "PromptGuard",
+    "prompt_problem",
     "server_command",
     "server_environment",
     "usage_instructions",

@@ -16,16 +16,21 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hf_kvtrade import Forecaster
 from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT
 from hf_kvtrade.data import load_series
+from hf_kvtrade.serving import prompt_problem
+from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-key"
 MODEL = SHIPPED_CHECKPOINT.name
 MAX_SAMPLES = 64
+VOCAB_SIZE = ReturnTokenizer.from_pretrained(SHIPPED_CHECKPOINT).vocab_size
 STARTUP_TIMEOUT_S = 600
 
 
@@ -176,13 +181,6 @@ def test_new_bar_hits_the_prefix_cache(client):
 
 
 BAD_REQUESTS = {
-    "token id above the vocabulary": ({"prompt": [1, 4, 100_000]}, "token id 100000"),
-    "negative token id": ({"prompt": [1, -1]}, "token id -1"),
-    "non-integer token id": ({"prompt": [1, 4.5]}, "token id 4.5"),
-    "bad id in a batch": ({"prompt": [[1, 5], [1, 1_000_000]]}, "prompt[1] holds token id 1000000"),
-    "empty prompt": ({"prompt": []}, "at least one prompt"),
-    "empty prompt in a batch": ({"prompt": [[]]}, "prompt cannot be empty"),
-    "text prompt": ({"prompt": "the price goes up"}, "Tokenizer not available"),
     "prompt longer than the context": ({"prompt": [1] + [500] * 300}, "maximum context length is 256"),
     "absurd n": ({"prompt": [1, 500], "n": 10**9}, f"limit of {MAX_SAMPLES} samples"),
     "zero n": ({"prompt": [1, 500], "n": 0}, "n must be at least 1"),
@@ -201,15 +199,98 @@ def test_bad_request_gets_400_and_server_keeps_serving(client, assert_still_serv
     assert message in error.value.message
 
 
-def test_malformed_json_gets_400(server, assert_still_serving):
+MALFORMED_PROMPTS = {
+    "text": ("the price goes up", 'prompt is text ("the price goes up"), and this server has no text tokenizer'),
+    "empty text": ("", 'prompt is text (""), and this server has no text tokenizer'),
+    "text among ids": (["1", 5, 1], 'prompt[0] is text ("1"), and this server has no text tokenizer'),
+    "text before a huge id": (["1", 10**30, 1], 'prompt[0] is text ("1")'),
+    "texts": (["up", "down"], 'prompt[0] is text ("up")'),
+    "text in a batch": ([[1, 5], ["7"]], 'prompt[1][0] is text ("7")'),
+    "id above the vocabulary": ([1, 4, 100_000], "prompt[2] is token id 100000, outside this model's vocabulary"),
+    "id past int64": ([1, 2**64], f"prompt[1] is token id {2**64}, outside"),
+    "negative id": ([1, -1], "prompt[1] is token id -1, outside"),
+    "bad id in a batch": ([[1, 5], [1, 1_000_000]], "prompt[1][1] is token id 1000000, outside"),
+    "float": ([1, 4.5], "prompt[1] is the float 4.5, not a token id"),
+    "whole float": ([1, 1.0], "prompt[1] is the float 1.0, not a token id"),
+    "boolean": ([1, True], "prompt[1] is the boolean true, not a token id"),
+    "null id": ([1, None], "prompt[1] is null, not a token id"),
+    "object id": ([1, {"id": 5}], "prompt[1] is a JSON object, not a token id"),
+    "null prompt": (None, "prompt is null, not a list of token ids"),
+    "object prompt": ({"ids": [1, 5]}, "prompt is a JSON object, not a list of token ids"),
+    "bare id": (5, "prompt is token id 5, not a list of token ids"),
+    "empty": ([], "prompt is an empty list"),
+    "empty in a batch": ([[1, 5], []], "prompt[1] is an empty list"),
+    "list among ids": ([1, [5]], "prompt[1] is a list among token ids, and ids and lists do not mix at one level"),
+    "id among lists": ([[1, 5], 7], "prompt[1] is token id 7, not a list of token ids like prompt[0]"),
+    "too deep": ([[1, 5], [1, 4, [5]]], "prompt[1][2] is a list, nested deeper than a batch of lists of token ids"),
+}
+
+
+def post_completion(server, body: dict) -> httpx.Response:
+    return httpx.post(
+        f"{server['base_url']}/v1/completions",
+        json={"model": MODEL, "max_tokens": 1, **body},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("prompt, message", MALFORMED_PROMPTS.values(), ids=MALFORMED_PROMPTS.keys())
+def test_malformed_prompt_gets_400_naming_it(server, assert_still_serving, prompt, message):
+    response = post_completion(server, {"prompt": prompt})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert f"a prompt is a non-empty list of ReturnTokenizer ids in [0, {VOCAB_SIZE})" in error["message"]
+    assert error["param"] == "prompt"
+
+
+token_ids = st.integers(0, VOCAB_SIZE - 1)
+json_values = st.recursive(
+    st.one_of(
+        token_ids, st.integers(), st.sampled_from([-1, VOCAB_SIZE, 2**63, 2**64, 10**30]),
+        st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.text(max_size=5), st.none(),
+    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=2),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.lists(token_ids, min_size=1, max_size=8),
+        st.lists(st.lists(token_ids, min_size=1, max_size=8), min_size=1, max_size=4),
+        json_values,
+    )
+)
+def test_any_json_prompt_gets_an_answer_not_a_server_error(server, assert_still_serving, prompt):
+    response = post_completion(server, {"prompt": prompt})
+    problem = prompt_problem(prompt, VOCAB_SIZE)
+    assert response.status_code == (200 if problem is None else 400), response.text
+    if problem is not None:
+        assert problem in response.json()["error"]["message"]
+    assert server["process"].poll() is None, "the server died"
+
+
+BODIES_FOR_VLLM = {
+    "truncated JSON": (b'{"prompt": [1, 2', "JSON decode error"),
+    "integer too long to parse": (b'{"prompt": [1, ' + b"9" * 5000 + b"]}", "error parsing the body"),
+    "nesting too deep to parse": (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "error parsing the body"),
+    "no prompt": (b'{"model": "' + MODEL.encode() + b'", "max_tokens": 1}', "Either prompt or prompt_embeds"),
+}
+
+
+@pytest.mark.parametrize("body, message", BODIES_FOR_VLLM.values(), ids=BODIES_FOR_VLLM.keys())
+def test_bodies_the_guard_leaves_to_vllm_get_400(server, assert_still_serving, body, message):
     response = httpx.post(
         f"{server['base_url']}/v1/completions",
-        content=b'{"model": "kvtrade-tiny", "prompt": [1, 2',
+        content=body,
         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
         timeout=30,
     )
     assert response.status_code == 400
-    assert "JSON decode error" in json.dumps(response.json())
+    assert message in json.dumps(response.json())
 
 
 @pytest.mark.parametrize("api_key", ["wrong-key", None], ids=["wrong key", "no key"])
