@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hf_kvtrade import Forecaster
 from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT
 from hf_kvtrade.data import load_series
+from hf_kvtrade.evaluation import model_forecast
 from hf_kvtrade.serving import prompt_problem
 from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
 
@@ -114,16 +115,20 @@ def test_one_step_forecast_matches_transformers(client, checkpoint):
 
 
 def test_every_bar_past_the_window_matches_the_forecaster(client, checkpoint):
-    """3 windows + 17 bars of real closes; each bar of the last 2 windows, across rebases, through the server."""
+    """2 windows + 17 bars of real closes; each bar of the last window, across two rebases, through the server."""
     local = Forecaster.from_pretrained(checkpoint)
-    window = local.context_policy.window
-    prices = load_series("sp500")["close"].to_numpy()[-(3 * window + 17) :]
-    histories = [prices[:n] for n in range(len(prices) - 2 * window + 1, len(prices) + 1)]
+    policy = local.context_policy
+    prices = load_series("sp500")["close"].to_numpy()[-(2 * policy.window + 17) :]
+    first = len(prices) - policy.window
+    histories = [prices[:n] for n in range(first, len(prices))]
+    assert len({policy.start(len(history)) for history in histories}) >= 3  # the stretch crosses two rebases
+    # Forecaster.predict of every history in one batched pass per policy window (equal bar by bar: test_evaluation).
+    ids = local.tokenizer.encode(prices)
+    expected = model_forecast(local.model, local.tokenizer, ids, first, policy).probs
     for start in range(0, len(histories), 64):
         batch = histories[start : start + 64]
-        for history, served in zip(batch, client.predict_batch(batch, horizon=1)):
-            expected = local.predict(history)
-            np.testing.assert_allclose(served.distribution.probs, expected.distribution.probs, atol=1e-5, err_msg=f"{len(history)} bars")
+        for history, served, probs in zip(batch, client.predict_batch(batch, horizon=1), expected[start : start + 64]):
+            np.testing.assert_allclose(served.distribution.probs, probs, atol=1e-5, err_msg=f"{len(history)} bars")
 
 
 def test_a_client_for_another_window_is_refused(server, tmp_path):
@@ -135,8 +140,8 @@ def test_a_client_for_another_window_is_refused(server, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(SHIPPED_CHECKPOINT, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "training_context_length": 512}))
-    with pytest.raises(ValueError, match="max_model_len 256.*512-token window"):
+    (other / "config.json").write_text(json.dumps({**config, "training_context_length": 512, "context_stride": 256}))
+    with pytest.raises(ValueError, match=f"max_model_len {config['training_context_length']}.*512-token window"):
         ForecastClient(f"{server['base_url']}/v1", other, api_key=API_KEY)
 
 
@@ -181,7 +186,7 @@ def test_new_bar_hits_the_prefix_cache(client):
 
 
 BAD_REQUESTS = {
-    "prompt longer than the context": ({"prompt": [1] + [500] * 300}, "maximum context length is 256"),
+    "prompt longer than the context": ({"prompt": [1] + [500] * 1100}, "maximum context length is 1024"),
     "absurd n": ({"prompt": [1, 500], "n": 10**9}, f"limit of {MAX_SAMPLES} samples"),
     "zero n": ({"prompt": [1, 500], "n": 0}, "n must be at least 1"),
     "absurd max_tokens": ({"prompt": [1, 500], "max_tokens": 10**12}, "cannot be greater than max_model_len"),
