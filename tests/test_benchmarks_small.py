@@ -102,3 +102,22 @@ def test_bench_cli_writes_json(tmp_path, tiny_checkpoint):
     main(["bench", "attention_map", "--out", str(tmp_path), "--checkpoint", str(tiny_checkpoint)])
     summary = json.loads((tmp_path / "attention_map.json").read_text())
     assert len(summary["weights_by_lag"]) == summary["context_length"] <= 23 and "map" not in summary
+
+
+def test_cache_bench_measures_bytes_at_marks_that_are_no_multiple_of_its_chunk():
+    import torch
+
+    from hf_kvtrade import KVTradeForCausalLM
+    from hf_kvtrade.benchmarks.cache import _stream_in_chunks, _token_nll
+    from hf_kvtrade.cache import build_cache
+
+    torch.manual_seed(0)
+    model = KVTradeForCausalLM(load_preset("tiny")).eval()
+    ticks = torch.randint(4, model.config.vocab_size, (1, 100))
+    nll, nbytes = _stream_in_chunks(model, build_cache(model.config, "full"), ticks, chunk=32, marks=(25, 100))
+    # 25 = a quarter of the stream, as the default 100,000-tick run asks for 25,000 with chunks of 32.
+    assert set(nbytes) == {25, 100} and nbytes[25] < nbytes[100]
+    # Cutting the stream at the marks changes nothing: the full cache's chunked NLL is one forward pass's.
+    with torch.no_grad():
+        whole = _token_nll(model(ticks).logits[0, :-1], ticks[0, 1:])
+    np.testing.assert_allclose(nll, whole, rtol=1e-4, atol=1e-4)

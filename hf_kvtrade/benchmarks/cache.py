@@ -69,19 +69,24 @@ def _token_nll(logits, targets) -> np.ndarray:
 
 
 def _stream_in_chunks(model, cache, ticks, chunk: int, marks=()) -> tuple[np.ndarray, dict[int, int]]:
-    """Feeds ``ticks`` through ``cache`` ``chunk`` at a time; next-tick NLLs and ``nbytes()`` at each mark."""
+    """Feeds ``ticks`` through ``cache`` ``chunk`` at a time; next-tick NLLs and ``nbytes()`` at each mark.
+
+    A chunk ends early at a mark, so every mark is measured whatever the chunk size (25,000 is no multiple of 32).
+    """
     import torch
 
+    length = ticks.shape[1]
+    stops = sorted({*range(chunk, length, chunk), length, *(mark for mark in marks if 0 < mark <= length)})
     nll, nbytes = [], {}
     with torch.no_grad():
-        for start in range(0, ticks.shape[1], chunk):
-            piece = ticks[:, start : start + chunk]
-            logits = model(piece, past_key_values=cache).logits[0]
-            targets = ticks[0, start + 1 : start + chunk + 1]
+        start = 0
+        for stop in stops:
+            logits = model(ticks[:, start:stop], past_key_values=cache).logits[0]
+            targets = ticks[0, start + 1 : stop + 1]
             nll.append(_token_nll(logits[: len(targets)], targets))
-            seen = start + piece.shape[1]
-            if seen in marks:
-                nbytes[seen] = cache.nbytes()
+            if stop in marks:
+                nbytes[stop] = cache.nbytes()
+            start = stop
     return np.concatenate(nll), nbytes
 
 
