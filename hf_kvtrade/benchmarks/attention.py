@@ -235,7 +235,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--json", default="out/bench/attention.json", help="where to write the results (default: %(default)s)")
     parser.add_argument(
         "--quick", action="store_true", help=f"{QUICK_LAYERS} decoder layer and contexts {QUICK_CONTEXTS} only"
     )

@@ -103,7 +103,7 @@ def plot(result: dict, window, path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for attention_map.png and attention_map.json")
+    parser.add_argument("--out", default="out/bench/attention_map", help="folder for attention_map.png and attention_map.json (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", default="sp500", help="bundled series (default: %(default)s)")
 

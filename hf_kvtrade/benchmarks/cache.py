@@ -33,7 +33,7 @@ BOUNDED_CHUNK = 32
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", help="write all numbers to this JSON file")
+    parser.add_argument("--json", default="out/bench/cache.json", help="where to write the results (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--eval-ticks", type=int, default=2_048, help="ticks fed one at a time for NLL and latency")
     parser.add_argument("--grow-ticks", type=int, default=16_384, help="ticks streamed through the growing caches")
@@ -258,6 +258,5 @@ def run(args) -> int:
         "machine": machine_info(),
         "policies": results,
     }
-    if args.json:
-        print(f"wrote {write_json(args.json, payload)}")
+    print(f"wrote {write_json(args.json, payload)}")
     return 0

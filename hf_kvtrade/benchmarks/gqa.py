@@ -108,7 +108,7 @@ def _add_ratios(rows: list[dict], reference: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--json", default="out/bench/gqa.json", help="where to write the results (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="fewer timed decode steps (10 instead of 30)")
     parser.add_argument("--contexts", type=context_list, help=f"comma-separated context lengths (default: {FULL_CONTEXTS})")
     parser.add_argument("--preset", default="small", help="model shape (default: %(default)s)")

@@ -16,7 +16,7 @@ DEFAULT_CONTEXTS = (256, 1024, 4096, 8192)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--json", default="out/bench/stream.json", help="where to write the results (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     parser.add_argument("--ticks", type=int, default=200, help="timed ticks per context (default: %(default)s)")
