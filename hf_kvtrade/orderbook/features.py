@@ -1,0 +1,94 @@
+"""Microstructure features of a replayed book on a fixed clock.
+
+The clock is 100 ms. On the Bitstamp BTC/USD capture the live feed carries a median of 162 events a second
+(peaks of 1,012), so a 1 s tick would fold about 160 book changes, and the order-flow imbalance of all of them,
+into one row; at 100 ms the median tick still holds 15 events and only 3.6% of ticks hold none, so the finer
+clock loses little to empty ticks and keeps the sub-second moves that OFI is about.
+
+Tick ``t`` (ms, a multiple of the clock) covers events with ``t - clock < exchange_timestamp <= t``; its book
+features are the book after the last of them, so a tick depends only on events up to its own time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .book import OrderBook
+
+CLOCK_MS = 100
+IMBALANCE_LEVELS = (1, 5, 20)
+
+
+def snapshot_rows(orders: pd.DataFrame) -> int:
+    """Rows of the leading snapshot: the ``created`` rows sharing the first exchange timestamp."""
+    stamps = orders["exchange_timestamp"].to_numpy()
+    same = (stamps == stamps[0]) & (orders["action"].to_numpy() == "created")
+    return len(same) if same.all() else int(np.argmin(same))
+
+
+def _touch(book: OrderBook, side: str) -> tuple[float, float]:
+    """Best price and its volume; an empty side is (nan, 0), which makes its OFI terms vanish."""
+    price = book.best_bid if side == "bid" else book.best_ask
+    return (math.nan, 0.0) if price is None else (price, (book.bids if side == "bid" else book.asks)[price])
+
+
+def ofi_term(before: tuple[float, float, float, float], after: tuple[float, float, float, float]) -> float:
+    """Cont, Kukanov & Stoikov (2014) order-flow imbalance of one event, from (bid, bid size, ask, ask size)
+    before and after it: bid size added at an equal or better bid counts +, removed at an equal or worse bid -,
+    and the mirror for the ask."""
+    pb0, qb0, pa0, qa0 = before
+    pb1, qb1, pa1, qa1 = after
+    return ((pb1 >= pb0) * qb1 - (pb1 <= pb0) * qb0 - (pa1 <= pa0) * qa1 + (pa1 >= pa0) * qa0)
+
+
+def _imbalance(book: OrderBook, levels: int) -> float:
+    bid = sum(volume for _, volume in book.depth("bid", levels))
+    ask = sum(volume for _, volume in book.depth("ask", levels))
+    return (bid - ask) / (bid + ask) if bid + ask > 0 else math.nan
+
+
+def _row(book: OrderBook) -> dict[str, float]:
+    bid, bid_size = _touch(book, "bid")
+    ask, ask_size = _touch(book, "ask")
+    size = bid_size + ask_size
+    return {"mid": (bid + ask) / 2, "spread": ask - bid,
+            "microprice": (bid * ask_size + ask * bid_size) / size if size > 0 else math.nan,
+            **{f"imbalance_{n}": _imbalance(book, n) for n in IMBALANCE_LEVELS}}  # fmt: skip
+
+
+def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_MS) -> pd.DataFrame:
+    """One row per tick from the first to the last event: mid, spread, microprice, depth imbalance
+    ``(bid - ask) / (bid + ask)`` over the top 1/5/20 levels, ``ofi`` (the sum of the tick's per-event OFI terms,
+    counted from the first event after the snapshot), ``trade_flow`` (buy minus sell volume traded in the tick)
+    and ``events``. Indexed by tick time (UTC)."""
+    book = OrderBook()
+    first_live = snapshot_rows(orders)
+    stamps = orders["exchange_timestamp"].to_numpy()
+    tick = -(-int(stamps[0]) // clock_ms) * clock_ms
+    rows, ticks, ofi, events = [], [], 0.0, 0
+    columns = zip(orders["id"].tolist(), orders["action"].tolist(), orders["direction"].tolist(),
+                  orders["price"].tolist(), orders["volume"].tolist(), stamps.tolist())  # fmt: skip
+    for row, (order, action, direction, price, volume, stamp) in enumerate(columns):
+        while stamp > tick:
+            rows.append({**_row(book), "ofi": ofi, "events": events})
+            ticks.append(tick)
+            tick, ofi, events = tick + clock_ms, 0.0, 0
+        if row == first_live:
+            book.end_snapshot()
+        before = (*_touch(book, "bid"), *_touch(book, "ask"))
+        book.apply(order, action, direction, price, volume)
+        if row >= first_live:
+            ofi += ofi_term(before, (*_touch(book, "bid"), *_touch(book, "ask")))
+        events += 1
+    rows.append({**_row(book), "ofi": ofi, "events": events})
+    ticks.append(tick)
+    frame = pd.DataFrame(rows, index=pd.to_datetime(np.array(ticks), unit="ms", utc=True).rename("tick"))
+    signed = np.where(trades["side"].to_numpy() == "buy", 1.0, -1.0) * trades["amount"].to_numpy()
+    trade_ticks = -(-trades["exchange_timestamp"].to_numpy() // clock_ms) * clock_ms
+    flow = pd.Series(signed).groupby(trade_ticks).sum()
+    flow.index = pd.to_datetime(flow.index, unit="ms", utc=True)
+    frame.insert(frame.columns.get_loc("ofi") + 1, "trade_flow", flow.reindex(frame.index, fill_value=0.0))
+    return frame
