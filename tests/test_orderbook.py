@@ -68,6 +68,24 @@ def test_book_levels_and_crossing_are_exact(tmp_path):
     assert (book.crossed_events, book.crossed_episodes, book.crossed) == (1, 1, False)
 
 
+def test_a_snapshot_order_crossed_past_a_millisecond_is_stale_and_listed(tmp_path):
+    book = OrderBook()
+    for row in read_orders(_write(tmp_path, ORDERS)).itertuples():
+        book.apply(row.id, row.action, row.direction, row.price, row.volume, row.exchange_timestamp)
+    book.end_snapshot()
+    book.apply(7, "created", "bid", 101.5, 0.2, stamp=10_000)  # crosses the snapshot's ask at 101
+    book.apply(8, "created", "ask", 103.0, 1.0, stamp=10_000)  # same millisecond: the fill may still come
+    assert book.crossed and book.stale_snapshot_orders == []
+    book.apply(9, "created", "ask", 104.0, 1.0, stamp=10_001)  # a millisecond later the snapshot ask is stale
+    assert not book.crossed and book.best_ask == 102.0
+    assert len(book.stale_snapshot_orders) == 1 and 101.0 not in book.asks
+    # Live orders crossing each other past a millisecond are the feed's: counted, never removed.
+    book.apply(4, "deleted", "ask", 102.0, 3.0, stamp=10_002)
+    book.apply(10, "created", "bid", 104.5, 0.1, stamp=10_002)  # crosses the live ask at 104
+    book.apply(11, "created", "bid", 99.0, 0.1, stamp=10_003)
+    assert book.crossed and {9, 10} <= set(book.orders) and len(book.stale_snapshot_orders) == 1
+
+
 def test_ofi_and_imbalance_on_a_hand_made_sequence(tmp_path):
     # Bid size grows at the same bid: +size added; ask size shrinks at the same ask: +size removed.
     assert ofi_term((100, 2, 101, 1), (100, 3, 101, 1)) == 1
@@ -104,8 +122,12 @@ def test_real_capture_reconstructs(capture):
     assert result["snapshot_rows"] == meta["synthetic_created"] == 6512
     assert result["orphan_deletes"] == 13  # orders born between the REST snapshot and the first live message
     assert result["totals_match"] and result["orders_left"] == 0  # the synthetic deletes empty the book
-    assert (result["crossed_events"], result["crossed_episodes"]) == (286_323, 11_220)
-    assert (result["trades"], result["trades_inside"], result["trades_outside"]) == (284, 11, 273)
+    # Two snapshot orders were gone before the stream began: they stayed crossed past a millisecond.
+    assert result["stale_snapshot_orders"] == 2
+    # Every other crossing is the feed's own: a marketable order shown for the millisecond before its fill.
+    assert result["crossed_episodes"] - result["crossed_episodes_within_one_ms"] == result["stale_snapshot_orders"]
+    assert (result["crossed_events"], result["crossed_episodes"]) == (100_886, 100_709)
+    assert (result["trades"], result["trades_inside"], result["trades_outside"]) == (284, 207, 77)
 
 
 def test_real_capture_features_are_causal(capture):

@@ -70,7 +70,7 @@ def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 5
             touch[next_trade] = (book.best_bid, book.best_ask)
             next_trade += 1
         was_crossed = book.crossed and row > first_live
-        book.apply(order, action, direction, price, volume)
+        book.apply(order, action, direction, price, volume, stamp)
         if row >= first_live and book.crossed and not was_crossed:
             episode_start = stamp
         if row >= first_live and was_crossed and not book.crossed:
@@ -83,6 +83,7 @@ def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 5
     return {
         "events": len(orders), "orders": int(orders["id"].nunique()), "snapshot_rows": first_live,
         "orphan_deletes": len(orders.attrs.get("orphan_delete_lines", [])),
+        "stale_snapshot_orders": len(book.stale_snapshot_orders),
         "crossed_events": book.crossed_events, "crossed_episodes": book.crossed_episodes,
         "crossed_episodes_within_one_ms": same_ms_episodes,
         "trades": len(trades), "trades_inside": int(inside.sum()), "trades_outside": int((~inside).sum()),

@@ -79,7 +79,7 @@ def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_M
         if row == first_live:
             book.end_snapshot()
         before = (*_touch(book, "bid"), *_touch(book, "ask"))
-        book.apply(order, action, direction, price, volume)
+        book.apply(order, action, direction, price, volume, stamp)
         if row >= first_live:
             ofi += ofi_term(before, (*_touch(book, "bid"), *_touch(book, "ask")))
         events += 1
