@@ -1,38 +1,59 @@
 """hf-kvtrade: transformer forecasting of market data on Transformers and vLLM, with KV-cache policies for live use.
 
-Importing the package registers the `kvtrade` model type with the Transformers Auto classes.
+The public names load lazily (PEP 562), so `kvtrade --help` and the JSON-only parts (tokenizer, context policy,
+clients' set-up) never import torch or Transformers. The first access to a model class, or any import of
+``hf_kvtrade.forecasting`` (the path every save and load takes), registers the `kvtrade` model type with the
+Transformers Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-from .configuration_kvtrade import KVTradeConfig
-from .distribution import BinnedDistribution
-from .modeling_kvtrade import KVTradeForCausalLM, KVTradeModel, KVTradePreTrainedModel
-from .tokenization_kvtrade import Encoding, ReturnTokenizer
-
-AutoConfig.register(KVTradeConfig.model_type, KVTradeConfig, exist_ok=True)
-AutoModel.register(KVTradeConfig, KVTradeModel, exist_ok=True)
-AutoModelForCausalLM.register(KVTradeConfig, KVTradeForCausalLM, exist_ok=True)
-
-# save_pretrained then copies the two model files next to the weights and writes `auto_map`, so a saved folder
-# loads with trust_remote_code=True where hf_kvtrade is not installed (the Hub path). vLLM's Transformers backend
-# looks for the AutoModel entry.
-KVTradeConfig.register_for_auto_class()
-KVTradeModel.register_for_auto_class("AutoModel")
-KVTradeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
-from .forecasting import Forecast, Forecaster  # noqa: E402  (needs the registered classes)
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BinnedDistribution",
-    "Encoding",
-    "Forecast",
-    "Forecaster",
-    "KVTradeConfig",
-    "KVTradeForCausalLM",
-    "KVTradeModel",
-    "KVTradePreTrainedModel",
-    "ReturnTokenizer",
-]
+_EXPORTS = {
+    "BinnedDistribution": ".distribution",
+    "Encoding": ".tokenization_kvtrade",
+    "ReturnTokenizer": ".tokenization_kvtrade",
+    "KVTradeConfig": ".configuration_kvtrade",
+    "KVTradeModel": ".modeling_kvtrade",
+    "KVTradeForCausalLM": ".modeling_kvtrade",
+    "KVTradePreTrainedModel": ".modeling_kvtrade",
+    "Forecast": ".forecasting",
+    "Forecaster": ".forecasting",
+}
+_LIGHT = {"BinnedDistribution", "Encoding", "ReturnTokenizer"}
+
+
+def register_auto_classes() -> None:
+    """Registers `kvtrade` with AutoConfig/AutoModel/AutoModelForCausalLM; idempotent."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .configuration_kvtrade import KVTradeConfig
+    from .modeling_kvtrade import KVTradeForCausalLM, KVTradeModel
+
+    AutoConfig.register(KVTradeConfig.model_type, KVTradeConfig, exist_ok=True)
+    AutoModel.register(KVTradeConfig, KVTradeModel, exist_ok=True)
+    AutoModelForCausalLM.register(KVTradeConfig, KVTradeForCausalLM, exist_ok=True)
+    # save_pretrained then copies the two model files next to the weights and writes `auto_map`, so a saved
+    # folder loads with trust_remote_code=True where hf_kvtrade is not installed (the Hub path). vLLM's
+    # Transformers backend looks for the AutoModel entry.
+    KVTradeConfig.register_for_auto_class()
+    KVTradeModel.register_for_auto_class("AutoModel")
+    KVTradeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hf_kvtrade' has no attribute {name!r}")
+    if name not in _LIGHT:
+        register_auto_classes()
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+__all__ = [*_EXPORTS, "register_auto_classes"]

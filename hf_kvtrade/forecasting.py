@@ -18,6 +18,10 @@ from .distribution import BinnedDistribution
 from .modeling_kvtrade import KVTradeForCausalLM
 from .checkpoint import load_checkpoint
 from .tokenization_kvtrade import ReturnTokenizer
+from . import register_auto_classes
+
+# Every save and load goes through here: the Auto classes must know `kvtrade` before either.
+register_auto_classes()
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -33,3 +33,29 @@ def test_forecast_names_a_missing_column(tmp_path):
     pd.DataFrame({"price": np.linspace(1, 2, 10)}).to_csv(path, index=False)
     with pytest.raises(SystemExit, match="no column 'close'"):
         main(["forecast", "--csv", str(path)])
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    # A fresh interpreter: this test process has imported torch long ago.
+    script = (
+        "import sys; from hf_kvtrade.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: kvtrade" in result.stdout
+
+
+def test_the_package_registers_the_auto_classes_on_first_use():
+    script = (
+        "import hf_kvtrade, sys\n"
+        "assert 'transformers' not in sys.modules\n"
+        "config = hf_kvtrade.KVTradeConfig()\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "assert type(AutoConfig.for_model('kvtrade')) is hf_kvtrade.KVTradeConfig\n"
+        "assert AutoModelForCausalLM.from_config(config).__class__ is hf_kvtrade.KVTradeForCausalLM"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
