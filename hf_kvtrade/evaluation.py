@@ -170,17 +170,20 @@ def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context
     return BinnedDistribution(probs, tokenizer.bin_edges)
 
 
+def returns_and_test_start(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """``(returns, test_start)``: every close-to-close log-return of ``frame`` and the index of the first one that
+    ends on a test-period bar. ``returns[k]`` ends on bar ``k + 1`` and is token ``k + 1`` of the series."""
+    _, _, test = split_periods(frame)
+    return np.diff(np.log(frame["close"].to_numpy())), len(frame) - len(test) - 1
+
+
 def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, volatility_window: int = 20):
     """Metrics of every model on the test period of one series, plus the raw returns (for pooling).
 
     Targets are the returns that end on a test-period bar; every forecast conditions on earlier bars only
     (context may reach back into the training and validation periods: that is the past, not look-ahead).
     """
-    _, _, test = split_periods(frame)
-    closes = frame["close"].to_numpy()
-    returns = np.diff(np.log(closes))
-    # returns[k] ends on bar k + 1, so the first test bar's return has index len(frame) - len(test) - 1.
-    test_start = len(frame) - len(test) - 1
+    returns, test_start = returns_and_test_start(frame)
     target = returns[test_start:]
     forecasts = {
         "random_walk": random_walk_forecast(returns, test_start, volatility_window),
@@ -263,15 +266,14 @@ def context_length_curve(frames: dict[str, pd.DataFrame], model, tokenizer, leng
     window = ContextPolicy.from_config(model.config).window
     if any(length > window or length < 4 for length in lengths):
         raise ValueError(f"context lengths must lie in [4, {window}] (the checkpoint's window), got {list(lengths)}")
+    series = [(tokenize_period(frame, tokenizer), *returns_and_test_start(frame)) for frame in frames.values()]
     nll = {}
     for length in lengths:
         policy = ContextPolicy(window=length, stride=length // 2)
-        values = []
-        for frame in frames.values():
-            ids = tokenize_period(frame, tokenizer)
-            first_target = len(ids) - len(split_periods(frame)[2])
-            returns = np.diff(np.log(frame["close"].to_numpy()))[first_target - 1 :]
-            values.append(-model_forecast(model, tokenizer, ids, first_target, policy).log_density(returns))
+        values = [
+            -model_forecast(model, tokenizer, ids, test_start + 1, policy).log_density(returns[test_start:])
+            for ids, returns, test_start in series
+        ]
         nll[length] = float(np.mean(np.concatenate(values)))
     return nll
 
@@ -307,6 +309,24 @@ def _mark(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+def _missed(checks: dict[str, bool]) -> list[str]:
+    return [target for target, met in checks.items() if not met]
+
+
+def _target_counts(targets: dict) -> dict[str, tuple[int, int]]:
+    """Per-series target -> (series meeting it, series)."""
+    series_checks = list(targets["series"].values())
+    return {target: (sum(checks[target] for checks in series_checks), len(series_checks)) for target in series_checks[0]}
+
+
+def _aggregate_line(results: dict) -> str:
+    aggregate = results["models"]
+    return (
+        f"{_mark(results['targets']['aggregate']['nll_vs_garch_t'])} "
+        f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
+    )
+
+
 def format_table(results: dict) -> str:
     """The pooled table of every model; with a model, also its per-series table with each target met or missed."""
     header = f"{'model':<14}" + "".join(f"{metric:>14}" for metric in METRICS)
@@ -320,23 +340,16 @@ def format_table(results: dict) -> str:
     lines += ["", f"{'series':<22}{'bars':>6}{'kvtrade':>9}{'rw':>9}{'garch_t':>9}{'uncond':>9}{'cov50':>7}{'cov90':>7}"
               f"{'pit':>6}  targets"]  # fmt: skip
     for name, entry in results["series"].items():
-        models, checks = entry["models"], results["targets"]["series"][name]
-        missed = [target for target, met in checks.items() if not met]
+        models, missed = entry["models"], _missed(results["targets"]["series"][name])
         lines.append(
             f"{name:<22}{entry['num_bars']:>6}"
             + "".join(f"{models[model]['nll']:>9.4f}" for model in ("kvtrade", "random_walk", "garch_t", "unconditional"))
             + f"{models['kvtrade']['coverage_50']:>7.3f}{models['kvtrade']['coverage_90']:>7.3f}"
             + f"{models['kvtrade']['pit_distance']:>6.3f}  {'all met' if not missed else 'MISSED ' + ', '.join(missed)}"
         )
-    series_checks = results["targets"]["series"].values()
-    for target in next(iter(series_checks), {}):
-        met = sum(checks[target] for checks in series_checks)
-        lines.append(f"target {target} on every series: {_mark(met == len(series_checks))} ({met}/{len(series_checks)})")
-    aggregate = results["models"]
-    lines.append(
-        f"target aggregate NLL <= garch_t: {_mark(results['targets']['aggregate']['nll_vs_garch_t'])} "
-        f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
-    )
+    for target, (met, total) in _target_counts(results["targets"]).items():
+        lines.append(f"target {target} on every series: {_mark(met == total)} ({met}/{total})")
+    lines.append(f"target aggregate NLL <= garch_t: {_aggregate_line(results)}")
     return "\n".join(lines)
 
 
@@ -358,8 +371,7 @@ def markdown_tables(results: dict) -> str:
         targets = results["targets"]
         rows = []
         for name, entry in results["series"].items():
-            models, checks = entry["models"], targets["series"][name]
-            missed = [target for target, met in checks.items() if not met]
+            models, missed = entry["models"], _missed(targets["series"][name])
             rows.append(
                 f"| {name} | {entry['num_bars']} | "
                 + " | ".join(f"{models[model]['nll']:.4f}" for model in MODEL_NAMES)
@@ -370,16 +382,8 @@ def markdown_tables(results: dict) -> str:
             "| series | bars | kvtrade NLL | random walk | GARCH-t | unconditional t | cov 50% | cov 90% | PIT distance "
             "| targets |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
         )
-        series_checks = list(targets["series"].values())
-        summary = [
-            f"- {target}: {sum(checks[target] for checks in series_checks)}/{len(series_checks)} series"
-            for target in series_checks[0]
-        ]
-        aggregate = results["models"]
-        summary.append(
-            f"- aggregate NLL <= GARCH-t: {_mark(targets['aggregate']['nll_vs_garch_t'])} "
-            f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
-        )
+        summary = [f"- {target}: {met}/{total} series" for target, (met, total) in _target_counts(targets).items()]
+        summary.append(f"- aggregate NLL <= GARCH-t: {_aggregate_line(results)}")
         parts.append("Targets met:\n\n" + "\n".join(summary))
     if "context_length_nll" in results:
         curve = results["context_length_nll"]

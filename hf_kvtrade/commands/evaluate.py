@@ -24,12 +24,11 @@ def register(subparsers) -> None:
 def _lengths(text: str) -> list[int]:
     import argparse
 
+    from ..benchmarks._common import context_list
+
     if text == "none":
         return []
-    try:
-        lengths = [int(word) for word in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'none', got {text!r}") from None
+    lengths = list(context_list(text))
     if any(length < 4 for length in lengths):
         raise argparse.ArgumentTypeError(f"context lengths must be at least 4 tokens, got {text!r}")
     return lengths
