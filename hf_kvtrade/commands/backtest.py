@@ -67,7 +67,7 @@ def run(args) -> int:
         portfolio=list(args.portfolio),
         rule=rule,
         vol_rule=vol_rule,
-        warmup=args.warmup or ContextPolicy.from_config(model.config).window,
+        warmup=ContextPolicy.from_config(model.config).window if args.warmup is None else args.warmup,
         cache_policy=args.policy,
         limit=args.limit,
         model_description=description,
