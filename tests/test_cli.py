@@ -35,17 +35,21 @@ def test_forecast_names_a_missing_column(tmp_path):
         main(["forecast", "--csv", str(path)])
 
 
-def test_help_imports_neither_torch_nor_transformers():
+def _run_in_a_fresh_interpreter(script: str, timeout: int) -> str:
     # A fresh interpreter: this test process has imported torch long ago.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_help_imports_neither_torch_nor_transformers():
     script = (
         "import sys; from hf_kvtrade.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)\n"
         "assert not heavy, heavy"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "usage: kvtrade" in result.stdout
+    assert "usage: kvtrade" in _run_in_a_fresh_interpreter(script, timeout=120)
 
 
 def test_the_package_registers_the_auto_classes_on_first_use():
@@ -57,5 +61,4 @@ def test_the_package_registers_the_auto_classes_on_first_use():
         "assert type(AutoConfig.for_model('kvtrade')) is hf_kvtrade.KVTradeConfig\n"
         "assert AutoModelForCausalLM.from_config(config).__class__ is hf_kvtrade.KVTradeForCausalLM"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _run_in_a_fresh_interpreter(script, timeout=300)
