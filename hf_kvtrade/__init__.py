@@ -18,7 +18,7 @@ _EXPORTS = {
     "KVTradeModel": ".modeling_kvtrade",
     "KVTradeForCausalLM": ".modeling_kvtrade",
     "KVTradePreTrainedModel": ".modeling_kvtrade",
-    "Forecast": ".forecasting",
+    "Forecast": ".distribution",
     "Forecaster": ".forecasting",
 }
 _LIGHT = {"BinnedDistribution", "Encoding", "ReturnTokenizer"}

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .context import ContextPolicy
-from .distribution import BinnedDistribution
-from .forecasting import DEFAULT_QUANTILES, Forecast
+from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast
 from .tokenization_kvtrade import ReturnTokenizer
 
 

@@ -8,7 +8,7 @@ evaluation all use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -100,6 +100,70 @@ class BinnedDistribution:
         draws = np.stack([rng.choice(flat.shape[-1], size=size, p=row) for row in flat])
         values = self.edges[draws] + rng.random(draws.shape) * self.widths[draws]
         return values.reshape(self.probs.shape[:-1] + (size,))
+
+
+DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class Forecast:
+    """Forecast of the next ``horizon`` bars after ``last_price``.
+
+    ``return_quantiles[h, j]`` is quantile ``quantile_levels[j]`` of the cumulative log-return over bars
+    ``1..h+1``; ``price_quantiles`` is the same in price space. ``prob_up[h]`` is the probability that the price
+    after ``h+1`` bars is above ``last_price``.
+    """
+
+    last_price: float
+    quantile_levels: np.ndarray
+    return_quantiles: np.ndarray
+    prob_up: np.ndarray
+    mean_return: np.ndarray
+    distribution: BinnedDistribution | None = field(default=None, repr=False)
+    paths: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def horizon(self) -> int:
+        return len(self.prob_up)
+
+    @property
+    def prob_down(self) -> np.ndarray:
+        return 1.0 - self.prob_up
+
+    @property
+    def price_quantiles(self) -> np.ndarray:
+        return self.last_price * np.exp(self.return_quantiles)
+
+    @property
+    def price_paths(self) -> np.ndarray | None:
+        return None if self.paths is None else self.last_price * np.exp(np.cumsum(self.paths, axis=-1))
+
+    @classmethod
+    def from_distribution(cls, distribution: BinnedDistribution, last_price: float, quantiles) -> "Forecast":
+        """Exact one-step forecast from a single next-bar distribution."""
+        levels = np.asarray(quantiles, dtype=np.float64)
+        return cls(
+            last_price=float(last_price),
+            quantile_levels=levels,
+            return_quantiles=distribution.quantile(levels).reshape(1, -1),
+            prob_up=np.atleast_1d(distribution.prob_up()),
+            mean_return=np.atleast_1d(distribution.mean()),
+            distribution=distribution,
+        )
+
+    @classmethod
+    def from_paths(cls, paths: np.ndarray, last_price: float, quantiles) -> "Forecast":
+        """Summary of sampled log-return paths of shape ``(num_samples, horizon)``."""
+        levels = np.asarray(quantiles, dtype=np.float64)
+        cumulative = np.cumsum(paths, axis=1)
+        return cls(
+            last_price=float(last_price),
+            quantile_levels=levels,
+            return_quantiles=np.quantile(cumulative, levels, axis=0).T,
+            prob_up=(cumulative > 0).mean(axis=0),
+            mean_return=cumulative.mean(axis=0),
+            paths=paths,
+        )
 
 
 def _strictly_increasing(cumulative: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from .cache import CACHE_POLICIES, build_cache, track_attention
 from .context import ContextPolicy
 from .distribution import BinnedDistribution
-from .forecasting import DEFAULT_QUANTILES, Forecast
+from .distribution import DEFAULT_QUANTILES, Forecast
 from .signals import Signal, SignalRule
 from .tokenization_kvtrade import ReturnTokenizer
 

@@ -62,3 +62,12 @@ def test_the_package_registers_the_auto_classes_on_first_use():
         "assert AutoModelForCausalLM.from_config(config).__class__ is hf_kvtrade.KVTradeForCausalLM"
     )
     _run_in_a_fresh_interpreter(script, timeout=300)
+
+
+def test_the_http_client_needs_neither_torch_nor_transformers():
+    script = (
+        "import sys; from hf_kvtrade.client import ForecastClient; from hf_kvtrade import Forecast\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    _run_in_a_fresh_interpreter(script, timeout=120)

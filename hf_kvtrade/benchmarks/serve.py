@@ -196,7 +196,7 @@ def _throughput(args, hf, vllm, policy) -> dict:
     import numpy as np
     from vllm import SamplingParams
 
-    from ..forecasting import Forecast
+    from ..distribution import Forecast
 
     histories = random_histories(args.symbols, args.bars, policy.stride, seed=0)
     matched_prompts(hf, vllm, histories, args.steps)  # raises unless both sides read the same windows
@@ -304,7 +304,7 @@ def flat_next_token_probs(vllm, prompts):
 
 def _forecasts_from_probs(hf, probs, histories):
     from ..distribution import BinnedDistribution
-    from ..forecasting import Forecast
+    from ..distribution import Forecast
 
     return [
         Forecast.from_distribution(BinnedDistribution.from_token_probs(row, hf.tokenizer), prices[-1], QUANTILES)
