@@ -21,7 +21,7 @@ _EXPORTS = {
     "Forecast": ".distribution",
     "Forecaster": ".forecasting",
 }
-_LIGHT = {"BinnedDistribution", "Encoding", "ReturnTokenizer"}
+_LIGHT = {"BinnedDistribution", "Encoding", "Forecast", "ReturnTokenizer"}
 
 
 def register_auto_classes() -> None:
