@@ -25,7 +25,11 @@ _LIGHT = {"BinnedDistribution", "Encoding", "Forecast", "ReturnTokenizer"}
 
 
 def register_auto_classes() -> None:
-    """Registers `kvtrade` with AutoConfig/AutoModel/AutoModelForCausalLM; idempotent."""
+    """Registers `kvtrade` with AutoConfig/AutoModel/AutoModelForCausalLM; idempotent.
+
+    This is the installed package's side. A saved folder names its own classes for `trust_remote_code` (the
+    config's `auto_map`, which save_pretrained fills in as it copies the model code).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .configuration_kvtrade import KVTradeConfig
@@ -34,12 +38,6 @@ def register_auto_classes() -> None:
     AutoConfig.register(KVTradeConfig.model_type, KVTradeConfig, exist_ok=True)
     AutoModel.register(KVTradeConfig, KVTradeModel, exist_ok=True)
     AutoModelForCausalLM.register(KVTradeConfig, KVTradeForCausalLM, exist_ok=True)
-    # save_pretrained then copies the two model files next to the weights and writes `auto_map`, so a saved
-    # folder loads with trust_remote_code=True where hf_kvtrade is not installed (the Hub path). vLLM's
-    # Transformers backend looks for the AutoModel entry.
-    KVTradeConfig.register_for_auto_class()
-    KVTradeModel.register_for_auto_class("AutoModel")
-    KVTradeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def __getattr__(name: str):
