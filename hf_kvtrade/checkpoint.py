@@ -36,7 +36,7 @@ def load_checkpoint(path: str | os.PathLike, **model_kwargs):
 
     folder = checkpoint_dir(path)
     model = KVTradeForCausalLM.from_pretrained(folder, **model_kwargs).eval()
-    return model, ReturnTokenizer.from_pretrained(folder)
+    return model, ReturnTokenizer.from_config(model.config)
 
 
 def stale_remote_code(path: str | os.PathLike) -> list[str]:

@@ -34,21 +34,19 @@ class Forecaster:
     def __init__(self, model: KVTradeForCausalLM, tokenizer: ReturnTokenizer | None = None):
         self.model = model.eval()
         self.context_policy = ContextPolicy.from_config(model.config)
-        self.tokenizer = tokenizer or ReturnTokenizer.from_config(model.config)
-        if self.tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {self.tokenizer.vocab_size} ids but the model has vocab_size "
-                f"{model.config.vocab_size}"
-            )
+        # The config holds the bin grid (a saved checkpoint has no other copy): a tokenizer must be the config's.
+        self.tokenizer = ReturnTokenizer.from_config(model.config)
+        if tokenizer is not None and tokenizer != self.tokenizer:
+            raise ValueError(f"tokenizer {tokenizer} does not match the model config's bin grid {self.tokenizer}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **model_kwargs) -> "Forecaster":
         return cls(*load_checkpoint(path, **model_kwargs))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes a self-contained checkpoint: weights, config, model code (for trust_remote_code) and tokenizer."""
+        """Writes a self-contained checkpoint: weights, config (with the tokenizer's bin grid) and model code (for
+        trust_remote_code)."""
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
 
     def encode_context(self, prices, horizon: int = 1) -> torch.Tensor:
         """The context policy's tokens of ``prices`` for a ``horizon``-bar forecast, as a (1, n) tensor."""

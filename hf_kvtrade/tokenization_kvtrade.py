@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TOKENIZER_FILE = "return_tokenizer.json"
-
 
 @dataclass(frozen=True)
 class Encoding:
@@ -180,29 +178,18 @@ class ReturnTokenizer:
     def to_dict(self) -> dict:
         return {"num_bins": self.num_bins, "clip": self.clip, "mu": self.mu}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, TOKENIZER_FILE)
-        with open(path, "w") as f:
-            json.dump({"tokenizer_class": type(self).__name__, **self.to_dict()}, f, indent=2)
-        return path
-
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "ReturnTokenizer":
-        path = os.path.join(directory, TOKENIZER_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                try:
-                    settings = json.load(f)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} is not valid JSON: {error}") from None
-            settings.pop("tokenizer_class", None)
-            return cls(**settings)
-        config_path = os.path.join(directory, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{directory} has neither {TOKENIZER_FILE} nor config.json")
-        with open(config_path) as f:
-            config = json.load(f)
+    def from_pretrained(cls, checkpoint: str | os.PathLike) -> "ReturnTokenizer":
+        """The tokenizer of a saved checkpoint, read from its ``config.json`` (the grid's one source) with ``json``
+        only, so clients build it without torch or Transformers."""
+        path = os.path.join(checkpoint, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {os.fspath(checkpoint)!r}: {path} does not exist")
+        with open(path) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from None
         return cls.from_config(config)
 
     @classmethod
@@ -218,4 +205,4 @@ class ReturnTokenizer:
         return f"{type(self).__name__}(num_bins={self.num_bins}, clip={self.clip}, mu={self.mu})"
 
 
-__all__ = ["Encoding", "ReturnTokenizer", "TOKENIZER_FILE"]
+__all__ = ["Encoding", "ReturnTokenizer"]

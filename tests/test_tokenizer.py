@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_kvtrade import KVTradeConfig, ReturnTokenizer
+from hf_kvtrade import Forecaster, KVTradeConfig, ReturnTokenizer
 
 positive_prices = st.lists(
     st.floats(min_value=1e-3, max_value=1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=200
@@ -112,14 +112,15 @@ def test_decode_rejects_out_of_vocabulary_ids():
         tokenizer.decode([5, tokenizer.vocab_size])
 
 
-def test_save_and_load_round_trip(tmp_path):
-    tokenizer = ReturnTokenizer(num_bins=512, clip=0.1, mu=100.0)
-    tokenizer.save_pretrained(tmp_path)
-    assert ReturnTokenizer.from_pretrained(tmp_path) == tokenizer
+def test_a_saved_config_is_the_tokenizers_one_source(tmp_path):
+    KVTradeConfig(num_bins=512, return_clip=0.1, mu_law=100.0).save_pretrained(tmp_path)
+    assert ReturnTokenizer.from_pretrained(tmp_path) == ReturnTokenizer(num_bins=512, clip=0.1, mu=100.0)
 
 
-def test_corrupt_tokenizer_file_is_reported(tmp_path):
-    (tmp_path / "return_tokenizer.json").write_text("{not json")
+def test_corrupt_or_missing_config_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        ReturnTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ReturnTokenizer.from_pretrained(tmp_path)
 
@@ -128,3 +129,8 @@ def test_default_config_and_default_tokenizer_share_a_vocabulary():
     config, tokenizer = KVTradeConfig(), ReturnTokenizer()
     assert config.vocab_size == tokenizer.vocab_size
     assert ReturnTokenizer.from_config(config) == tokenizer
+
+
+def test_a_forecaster_refuses_a_tokenizer_other_than_its_configs(make_tiny_model):
+    with pytest.raises(ValueError, match="bin grid"):
+        Forecaster(make_tiny_model(), ReturnTokenizer(clip=0.1))

@@ -58,7 +58,7 @@ def test_saved_checkpoint_is_ready_for_inference(trained):
     assert (config["training_context_length"], config["context_stride"]) == (64, 32)  # the context policy
     generation = json.loads((output_dir / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
-    assert {"model.safetensors", "return_tokenizer.json", "modeling_kvtrade.py"} <= {p.name for p in output_dir.iterdir()}
+    assert {"model.safetensors", "configuration_kvtrade.py", "modeling_kvtrade.py"} <= {p.name for p in output_dir.iterdir()}
 
 
 @pytest.mark.slow
