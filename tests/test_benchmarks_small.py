@@ -114,7 +114,9 @@ def test_cache_bench_measures_bytes_at_marks_that_are_no_multiple_of_its_chunk()
     torch.manual_seed(0)
     model = KVTradeForCausalLM(load_preset("tiny")).eval()
     ticks = torch.randint(4, model.config.vocab_size, (1, 100))
-    nll, nbytes = _stream_in_chunks(model, build_cache(model.config, "full"), ticks, chunk=32, marks=(25, 100))
+    # A 16-token full cache doubles as it fills (32 tokens at the first mark, 128 at the second), as nbytes shows.
+    cache = build_cache(model.config, "full", capacity=16)
+    nll, nbytes = _stream_in_chunks(model, cache, ticks, chunk=32, marks=(25, 100))
     # 25 = a quarter of the stream, as the default 100,000-tick run asks for 25,000 with chunks of 32.
     assert set(nbytes) == {25, 100} and nbytes[25] < nbytes[100]
     # Cutting the stream at the marks changes nothing: the full cache's chunked NLL is one forward pass's.

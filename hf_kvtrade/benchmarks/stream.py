@@ -23,7 +23,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed full recomputes per context")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both paths (default: %(default)s)")
     parser.add_argument("--policy", default="full", help="cache policy of the engine (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (full policy)")
     parser.add_argument("--quick", action="store_true", help="30 ticks and one recompute per context")
 
 
@@ -66,7 +65,6 @@ def run(args) -> int:
             model,
             tokenizer,
             cache_policy=args.policy,
-            compile=args.compile,
             context_policy=timing_policy,
         )
         engine.prime("bench", prices[: context - ticks])
@@ -101,7 +99,6 @@ def run(args) -> int:
     report = {
         "model": description,
         "policy": args.policy,
-        "compiled": args.compile,
         "threads": args.threads,
         "ticks": ticks,
         "recompute_repeats": repeats,
