@@ -123,3 +123,22 @@ def test_cache_bench_measures_bytes_at_marks_that_are_no_multiple_of_its_chunk()
     with torch.no_grad():
         whole = _token_nll(model(ticks).logits[0, :-1], ticks[0, 1:])
     np.testing.assert_allclose(nll, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_bench_runs_both_paths_on_the_same_sessions(tmp_path, tiny_checkpoint):
+    from hf_kvtrade.benchmarks import batch
+
+    path = tmp_path / "batch.json"
+    args = argparse.Namespace(
+        json=str(path), checkpoint=str(tiny_checkpoint), symbols=[1, 3], rounds=2, history=12, threads=1, quick=False
+    )
+    assert batch.run(args) == 0
+    report = json.loads(path.read_text())
+    assert set(report["results"]) == {"1", "3"} and report["rounds"] == 2
+    three = report["results"]["3"]
+    assert 6 <= three["history_bars"][0] <= three["history_bars"][1] <= 12
+    # 2 layers x (K + V) x 2 KV heads x 32 dims x 4 bytes = 1 KiB per token, for the 24-token window of each session.
+    assert three["cache_bytes"] == 3 * 1024 * 24
+    assert three["batched_ticks_per_s"] > 0 and three["sequential_ticks_per_s"] > 0
+    assert report["target"] == {"symbols": 64, "speedup": 8.0, "verdict": None}
+    assert MACHINE_KEYS <= set(report["machine"])

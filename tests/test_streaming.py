@@ -294,6 +294,32 @@ def test_stream_benchmark_writes_the_documented_layout(tmp_path, model):
     assert stream.run(args) == 0
     report = json.loads(path.read_text())
     assert report["model"] == f"checkpoint {tmp_path / 'tiny'}"
+    assert set(report["contexts"]) == {"48", "64"}
     for context in ("48", "64"):
         entry = report["contexts"][context]
-        assert entry["ratio"] == pytest.approx(entry["recompute_ms"] / entry["incremental_p50_ms"], abs=0.1)
+        assert entry["ticks"] == 8
+        # One session whose buffers hold the widened timing window of 512 tokens at 2 layers x (K + V) x 2 KV
+        # heads x 32 dims x 4 bytes = 1 KiB per token.
+        assert entry["cache_bytes"] == 512 * 1024
+        assert entry["read_weights_and_cache_ms"] > 0 and entry["recompute_ms"] > 0
+    assert {report["targets"]["p50_over_floor"]["verdict"], report["targets"]["flatness"]["verdict"]} <= {"met", "MISSED"}
+
+
+def test_torch_summary_equals_the_numpy_distribution_maths():
+    from hf_kvtrade.distribution import BinnedDistribution
+    from hf_kvtrade.streaming.summary import ForecastSummarizer
+    from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
+
+    tokenizer = ReturnTokenizer()
+    logits = torch.randn(6, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+    logits[1, 500:700] = -float("inf")  # empty bins: flat stretches of the CDF around the median
+    logits[2, tokenizer.first_bin_id + 10] = 40.0  # nearly all mass in one bin
+    levels = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    forecasts = ForecastSummarizer(tokenizer, levels)(logits, [100.0 + row for row in range(6)])
+    for row, forecast in enumerate(forecasts):
+        reference = BinnedDistribution.from_token_probs(torch.softmax(logits[row], -1).numpy(), tokenizer)
+        np.testing.assert_allclose(forecast.distribution.probs, reference.probs, atol=1e-12)
+        np.testing.assert_allclose(forecast.return_quantiles[0], reference.quantile(levels), atol=1e-9)
+        assert forecast.prob_up[0] == pytest.approx(reference.prob_up(), abs=1e-12)
+        assert forecast.mean_return[0] == pytest.approx(reference.mean(), abs=1e-12)
+        assert forecast.last_price == 100.0 + row

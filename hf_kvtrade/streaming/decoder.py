@@ -38,12 +38,14 @@ class BatchedDecoder:
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = self.config.head_dim
+        self.groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.layers = list(model.model.layers[: self.config.num_hidden_layers])
         with torch.no_grad():
             self.qkv = [_fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers]
             self.gate_up = [_fuse(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers]
         self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +76,7 @@ class BatchedDecoder:
         positions = torch.tensor(lengths, device=self.device) + prefix_length
         hidden = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
         cos, sin = self.model.model.rotary_emb(hidden, position_ids=positions[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (rows, 1, 1, head_dim)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads and query rows: (rows, 1, 1, head_dim)
         padded_length = prefix_length + max(lengths) + 1
         mask = None
         if rows > 1:
@@ -82,12 +84,13 @@ class BatchedDecoder:
             mask = (torch.arange(padded_length, device=self.device)[None] < visible[:, None])[:, None, None]
 
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
             qkv = F.linear(layer.input_layernorm(hidden), *self.qkv[index])
             query, key, value = qkv.split(self.split, dim=-1)
-            query = query.view(rows, 1, self.num_heads, self.head_dim).transpose(1, 2)
-            key = key.view(rows, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            value = value.view(rows, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # Query head h reads KV head h // groups (as repeat_kv lays them out), so the query heads of one KV
+            # head form its `groups` query rows: plain SDPA over the KV heads, no repeated keys and values.
+            query = query.view(rows, self.num_kv_heads, self.groups, self.head_dim)
+            key = key.view(rows, self.num_kv_heads, 1, self.head_dim)
+            value = value.view(rows, self.num_kv_heads, 1, self.head_dim)
             query = query * cos + rotate_half(query) * sin
             key = key * cos + rotate_half(key) * sin
             if rows == 1:
@@ -97,19 +100,27 @@ class BatchedDecoder:
                     keys, values = torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
             else:
                 keys, values = self._padded(index, key, value, caches, prefix, padded_length)
-            output = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
-            )
-            hidden = hidden + attention.o_proj(output.transpose(1, 2).reshape(rows, 1, -1))
+            output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
+            hidden = hidden + layer.self_attn.o_proj(output.reshape(rows, 1, -1))
             gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)
             hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return self.model.lm_head(self.model.model.norm(hidden))[:, 0]
 
     def _padded(self, index, key, value, caches, prefix, padded_length):
-        """Writes each row's new K/V into its cache and lays prefix + cache out in one zero-padded batch."""
+        """Writes each row's new K/V into its cache and lays prefix + cache out in the padded batch.
+
+        The batch lives in one workspace reused by every layer and step. Its padding keeps whatever an earlier
+        layer left there (finite keys and values, zeros at first): the mask gives it zero weight either way.
+        """
         rows = len(caches)
-        keys = key.new_zeros((rows, self.num_kv_heads, padded_length, self.head_dim))
-        values = torch.zeros_like(keys)
+        shape = (rows, self.num_kv_heads, padded_length, self.head_dim)
+        if self._workspace is None or any(need > have for need, have in zip(shape, self._workspace[0].shape)):
+            have = self._workspace[0].shape if self._workspace is not None else shape
+            # Lengths grow a token per step: round up so the workspace is reallocated rarely.
+            grown = (max(rows, have[0]), shape[1], -(-max(padded_length, have[2]) // 256) * 256, shape[3])
+            self._workspace = (key.new_zeros(grown), key.new_zeros(grown))
+        keys = self._workspace[0][:rows, :, :padded_length]
+        values = self._workspace[1][:rows, :, :padded_length]
         start = 0
         if prefix is not None:
             prefix_keys, prefix_values = prefix.layers[index].filled()

@@ -34,6 +34,7 @@ from ..signals import Signal, SignalRule
 from ..tokenization_kvtrade import ReturnTokenizer
 from .decoder import BatchedDecoder
 from .sessions import Session, SessionStore
+from .summary import ForecastSummarizer
 
 # Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
 BOUNDED_POLICIES = ("sink",)
@@ -118,6 +119,7 @@ class StreamingForecaster:
         self.sessions = SessionStore(memory_budget_bytes)
         self.decoder = BatchedDecoder(self.model, prefill_chunk)
         self.quantiles = tuple(quantiles)
+        self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
         self.signal_rule = signal_rule or SignalRule()
         self.cache_kwargs = dict(cache_kwargs or {})
         if cache_policy in ("sink", "selective"):
@@ -224,8 +226,10 @@ class StreamingForecaster:
         if stepping:
             self._step(stepping, keep=batch)
         self.sessions.enforce(self._growth_headroom(), keep=batch)
+        ticks = self._ticks(batch, latency_ms=0.0)
         latency_ms = (time.perf_counter() - started) * 1e3
-        ticks = {symbol: self._tick(symbol, self.sessions[symbol], latency_ms) for symbol in batch}
+        for tick in ticks.values():
+            tick.latency_ms = latency_ms
         self._latencies_ms.extend([latency_ms] * len(ticks))
         return ticks
 
@@ -246,7 +250,7 @@ class StreamingForecaster:
         self.sessions.open(symbol, session)
         self._rebuild(session, keep=(symbol,))
         self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
-        return self._tick(symbol, session, (time.perf_counter() - started) * 1e3)
+        return self._timed_tick(symbol, started)
 
     @torch.inference_mode()
     def forecast(self, symbol: str) -> TickForecast:
@@ -259,20 +263,29 @@ class StreamingForecaster:
         if session.cache is None:
             self._rebuild(session, keep=(symbol,))
             self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
-        return self._tick(symbol, session, (time.perf_counter() - started) * 1e3)
+        return self._timed_tick(symbol, started)
 
-    def _tick(self, symbol: str, session: Session, latency_ms: float) -> TickForecast:
-        probs = torch.softmax(session.last_logits.float(), dim=-1).cpu().numpy()
-        distribution = BinnedDistribution.from_token_probs(probs, self.tokenizer)
-        forecast = Forecast.from_distribution(distribution, session.last_price, self.quantiles)
-        return TickForecast(
-            symbol=symbol,
-            timestamp=session.last_timestamp,
-            forecast=forecast,
-            signal=self.signal_rule(forecast),
-            latency_ms=latency_ms,
-            context_tokens=self.prefix_length + session.tokens_in_cache,
-        )
+    def _timed_tick(self, symbol: str, started: float) -> TickForecast:
+        tick = self._ticks([symbol], latency_ms=0.0)[symbol]
+        tick.latency_ms = (time.perf_counter() - started) * 1e3
+        return tick
+
+    def _ticks(self, symbols: list[str], latency_ms: float) -> dict[str, TickForecast]:
+        """The forecasts after each symbol's latest bar, summarised together."""
+        sessions = [self.sessions[symbol] for symbol in symbols]
+        logits = torch.stack([session.last_logits for session in sessions])
+        forecasts = self.summarize(logits, [session.last_price for session in sessions])
+        return {
+            symbol: TickForecast(
+                symbol=symbol,
+                timestamp=session.last_timestamp,
+                forecast=forecast,
+                signal=self.signal_rule(forecast),
+                latency_ms=latency_ms,
+                context_tokens=self.prefix_length + session.tokens_in_cache,
+            )
+            for symbol, session, forecast in zip(symbols, sessions, forecasts)
+        }
 
     # ------------------------------------------------------------------------------------ cache construction
     def _anchor_of(self, session: Session) -> int:
