@@ -8,8 +8,11 @@ and the gate and up projections into another, at construction: the model's own w
 
 N sessions of different lengths decode together in a padded layout: row ``r`` holds the shared prefix, then the
 session's cached tokens and its new token, then padding; its query sits at its own position, and a boolean mask
-hides the padding. Attention is SDPA with ``enable_gqa``, so each KV head serves its query heads without
-``repeat_kv`` copies. One session needs no padding and no mask: attention reads its cache's buffers in place.
+hides the padding. Attention is SDPA over the KV heads, each KV head's query heads laid out as its query rows (one
+token per row, all at the same position), so no key or value is repeated: on this project's CPU that measured
+about 1.4x faster than SDPA's ``enable_gqa`` (1.7 vs 2.3 ms for 64 rows of 520 tokens, 17 vs 28 us for one row).
+One session needs no padding and no mask: attention reads its cache's buffers in place. With many sessions each
+row's history is copied into the padded workspace every layer, a cost beside attention's own read of it.
 """
 
 from __future__ import annotations
