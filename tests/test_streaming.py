@@ -186,6 +186,20 @@ def test_sessions_read_the_market_prefix_by_reference(model):
         assert batched.session_cache(symbol).num_tokens_held() == len(batched.history(symbol))
 
 
+@pytest.mark.parametrize("policy, kwargs", [("int8", {"residual_length": 64}), ("selective", {"budget": 100, "policy": "recency"})])
+def test_other_policies_read_the_market_prefix_by_reference(model, policy, kwargs):
+    # Budgets too large to quantize or evict within the stream, so the caches are exact behind the prefix.
+    engine = StreamingForecaster(model, cache_policy=policy, cache_kwargs=kwargs)
+    index = random_walk(30, seed=90)
+    engine.set_market_context(index)
+    ticks = [engine.update("a", price) for price in random_walk(40, seed=91)]
+    prefix_ids = engine.tokenizer.encode(index).tolist()
+    reference = full_forward_bin_probs(model, prefix_ids + engine.history("a"))[len(prefix_ids) :]
+    for tick, expected in zip(ticks, reference):
+        np.testing.assert_allclose(tick.distribution.probs, expected, atol=1e-5)
+    assert engine.session_cache("a").num_tokens_held() == 40
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_checkpoint(SHIPPED_CHECKPOINT)
