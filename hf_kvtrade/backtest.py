@@ -278,8 +278,8 @@ def backtest_portfolio(
 ) -> dict:
     """Forecast-driven allocations (long-only and long-short) against equal weight, over shared test bars.
 
-    All assets are streamed bar by bar through one engine (one session per asset), each bar's close for every
-    asset before the weights for the next bar are set.
+    All assets are streamed bar by bar through one engine (one session per asset): each bar's closes of every
+    asset go through one batched ``update_many`` step before the weights for the next bar are set.
     """
     history = closes[closes.index < test_start].iloc[-warmup:]
     test = closes[closes.index >= test_start]
@@ -287,7 +287,7 @@ def backtest_portfolio(
         engine.prime(symbol, history[symbol].to_numpy())
     means, stds = [], []
     for timestamp, row in test.iterrows():
-        ticks = {symbol: engine.update(symbol, {"close": price, "timestamp": timestamp}) for symbol, price in row.items()}
+        ticks = engine.update_many({symbol: {"close": price, "timestamp": timestamp} for symbol, price in row.items()})
         means.append({symbol: tick.mean_return for symbol, tick in ticks.items()})
         stds.append({symbol: float(tick.distribution.std()) for symbol, tick in ticks.items()})
         if progress is not None:
@@ -311,8 +311,6 @@ def backtest_portfolio(
         "test_end": str(test.index[-1]),
         "bars": int(len(asset_returns)),
     }
-
-
 
 
 # ------------------------------------------------------------------------------------------------ full run

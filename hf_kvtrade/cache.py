@@ -4,7 +4,8 @@ Every cache here is a `transformers.Cache` built from one layer object per decod
 `model(..., past_key_values=cache)` and `model.generate(past_key_values=cache)` unchanged, for MHA, GQA and MQA
 alike. Each reports `nbytes()` (every byte of state it keeps) and `num_tokens_held()`:
 
-- [`FullKVCache`]: the `DynamicCache` every other policy is compared with.
+- [`FullKVCache`]: every token at full precision, in buffers allocated up front; the cache every other policy is
+  compared with, and the one the streaming engine decodes into.
 - [`QuantizedKVCache`]: KIVI-style int8/int4 storage with a full-precision window of the newest tokens.
 - [`SinkKVCache`]: StreamingLLM attention sinks plus a recent window; constant memory over any stream length.
 - [`SelectiveKVCache`]: a token budget with H2O heavy-hitter, recency or hybrid eviction.
@@ -13,6 +14,10 @@ All of them follow the Transformers conventions that the masks and `generate` re
 tokens *seen*, and `get_mask_sizes(q)` places the K/V that the next `update` returns so that the newest `q` keys sit
 at the absolute positions of the `q` queries. Tokens a policy keeps from further back are all in the past of every
 query, so the causal mask leaves them visible. The caches expect equal-length (unpadded) rows in a batch.
+
+[`PrefixedCache`] puts a shared prefix (e.g. a market index's history) in front of any of them by reference: many
+caches read one prefix's keys and values, which are stored once. Byte accounting is [`kv_cache_bytes`] before a cache
+exists and `nbytes()` after; nothing else counts cache bytes.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
 
 from .context import ContextPolicy
-from .modeling_kvtrade import KVTradeRotaryEmbedding, rotate_half
 
 CACHE_POLICIES = ("full", "int8", "int4", "sink", "selective")
 SELECTIVE_POLICIES = ("h2o", "recency", "hybrid")
@@ -45,6 +50,14 @@ def _decoder_config(config: PreTrainedConfig) -> PreTrainedConfig:
             "build the model without sliding_window to use them"
         )
     return config
+
+
+def kv_cache_bytes(config: PreTrainedConfig, num_tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the keys and values of ``num_tokens`` tokens in every layer at ``dtype``: what a [`FullKVCache`] of
+    that many tokens allocates, known before allocating it (memory budgets, bytes-per-token tables)."""
+    config = _decoder_config(config)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_size * num_tokens
 
 
 def _round_float16(tensor: torch.Tensor, toward: float) -> torch.Tensor:
@@ -385,17 +398,169 @@ class KVPolicyCache(Cache):
         return max(layer.num_tokens_held() for layer in self.layers)
 
 
-class FullKVCache(DynamicCache):
-    """The full-precision `DynamicCache`, with the accounting of the other policies for side-by-side comparisons."""
+class FullKVLayer(KVPolicyLayer):
+    """One layer of [`FullKVCache`]: keys and values in buffers of ``capacity`` tokens, filled front to back.
 
-    def __init__(self, config: PreTrainedConfig):
-        super().__init__(config=_decoder_config(config))
+    ``update`` returns views of the filled part, so attention costs follow the real history rather than the
+    buffer, and a single query token needs no mask. A write past the capacity reallocates the buffers at twice the
+    size (a caller that knows its longest history, like the streaming engine, never pays for that).
+    """
 
-    def nbytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+    is_croppable = True
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 token, got {capacity}")
+        self.capacity = capacity
+
+    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
+        batch, heads, _, head_dim = key_states.shape
+        return key_states.new_zeros((batch, heads, self.capacity, head_dim))
 
     def num_tokens_held(self) -> int:
-        return self.get_seq_length()
+        return self.cumulative_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.cumulative_length
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(max(end, 2 * self.capacity))
+        self.keys[:, :, start:end].copy_(key_states)
+        self.values[:, :, start:end].copy_(value_states)
+        self.cumulative_length = end
+        return self.filled()
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and values written so far."""
+        end = self.cumulative_length
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grow(self, capacity: int) -> None:
+        filled = self.cumulative_length
+        self.capacity = capacity
+        for name in self.state_names:
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], capacity, old.shape[-1]))
+            new[:, :, :filled].copy_(old[:, :, :filled])
+            setattr(self, name, new)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forgets the newest tokens: ``-n`` drops ``n`` of them, ``n > 0`` keeps the first ``n`` (Transformers'
+        two conventions). The buffers stay allocated."""
+        keep = self.cumulative_length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.cumulative_length = max(0, min(keep, self.cumulative_length))
+
+
+class FullKVCache(KVPolicyCache):
+    """Every token at full precision, in buffers of ``capacity`` tokens per layer allocated up front.
+
+    With ``dtype`` (and ``device``) the buffers are allocated at construction, so ``nbytes()`` is final before the
+    first token and a decode step never allocates; otherwise on the first ``update``. ``capacity`` defaults to the
+    context policy's window, the longest history a forecast conditions on; a longer stream doubles the buffers.
+
+    ```python
+    >>> cache = FullKVCache(model.config, capacity=1024, dtype=torch.float32)
+    >>> cache.nbytes() == kv_cache_bytes(model.config, 1024)
+    True
+    ```"""
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        capacity: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 1,
+        context_policy: ContextPolicy | None = None,
+    ):
+        config = _decoder_config(config)
+        if capacity is None:
+            capacity = (context_policy or ContextPolicy.from_config(config)).window
+        super().__init__(layers=[FullKVLayer(capacity) for _ in range(config.num_hidden_layers)])
+        if dtype is not None:
+            self.early_initialization(batch_size, config.num_key_value_heads, config.head_dim, dtype, torch.device(device))
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+
+class PrefixedLayer(CacheLayerMixin):
+    """A cache layer read behind a shared prefix layer: attention sees the prefix's keys and values, then its own.
+
+    Only the wrapped layer is written and counted in ``nbytes()``; the prefix is read by reference, so any number of
+    caches share one copy of it.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, prefix: FullKVLayer, layer: CacheLayerMixin):
+        # No CacheLayerMixin.__init__: this layer keeps no state of its own, the wrapped layer's is the state.
+        self.prefix, self.layer = prefix, layer
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.layer.is_initialized
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.layer.lazy_initialization(key_states, value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = self.layer.update(key_states, value_states, *args, **kwargs)
+        prefix_keys, prefix_values = self.prefix.filled()
+        batch = keys.shape[0]
+        return (
+            torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=-2),
+            torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=-2),
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The prefix fills positions 0..P-1 and the wrapped layer's tokens follow at their own offset.
+        kv_length, kv_offset = self.layer.get_mask_sizes(query_length)
+        return kv_length + self.prefix.cumulative_length, kv_offset
+
+    def get_seq_length(self) -> int:
+        return self.prefix.cumulative_length + self.layer.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.layer.reset()
+
+    def nbytes(self) -> int:
+        return self.layer.nbytes()
+
+    def num_tokens_held(self) -> int:
+        return self.layer.num_tokens_held()
+
+
+class PrefixedCache(KVPolicyCache):
+    """``cache`` behind a shared ``prefix``: positions, masks and attention see prefix then cache; only ``cache``
+    is written, and ``nbytes()`` counts only ``cache``, so N sessions behind one prefix hold one prefix plus N
+    suffixes.
+
+    ```python
+    >>> prefix = FullKVCache(model.config, capacity=len(index_ids), dtype=torch.float32)
+    >>> model(index_ids, past_key_values=prefix)
+    >>> session = PrefixedCache(prefix, FullKVCache(model.config, dtype=torch.float32))
+    >>> model(symbol_ids, position_ids=..., past_key_values=session)   # positions continue after the prefix
+    ```"""
+
+    def __init__(self, prefix: FullKVCache, cache: KVPolicyCache):
+        if len(prefix.layers) != len(cache.layers):
+            raise ValueError(f"prefix has {len(prefix.layers)} layers but the cache has {len(cache.layers)}")
+        if isinstance(cache, (SinkKVCache, PrefixedCache)):
+            raise ValueError(
+                f"{type(cache).__name__} cannot sit behind a shared prefix: a sink cache bounds query-key distances, "
+                "which a prefix at fixed positions would break"
+            )
+        self.prefix, self.cache = prefix, cache
+        super().__init__(layers=[PrefixedLayer(p, layer) for p, layer in zip(prefix.layers, cache.layers)])
 
 
 class QuantizedKVCache(KVPolicyCache):
@@ -472,7 +637,7 @@ class SinkKVCache(KVPolicyCache):
             window = (context_policy or ContextPolicy.from_config(config)).window - 1 - num_sink_tokens
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        rotary_embedding = KVTradeRotaryEmbedding(config)
+        rotary_embedding = LlamaRotaryEmbedding(config)
         rope_type = config.rope_parameters["rope_type"]
         if "dynamic" in rope_type or rotary_embedding.attention_scaling != 1.0:
             raise ValueError(
@@ -579,12 +744,15 @@ __all__ = [
     "CACHE_POLICIES",
     "SELECTIVE_POLICIES",
     "FullKVCache",
+    "FullKVLayer",
     "KVPolicyCache",
+    "PrefixedCache",
     "QuantizedKVCache",
     "SelectiveKVCache",
     "SinkKVCache",
     "build_cache",
     "dequantize",
+    "kv_cache_bytes",
     "pack_int4",
     "quantize",
     "track_attention",

@@ -114,10 +114,31 @@ def test_cache_bench_measures_bytes_at_marks_that_are_no_multiple_of_its_chunk()
     torch.manual_seed(0)
     model = KVTradeForCausalLM(load_preset("tiny")).eval()
     ticks = torch.randint(4, model.config.vocab_size, (1, 100))
-    nll, nbytes = _stream_in_chunks(model, build_cache(model.config, "full"), ticks, chunk=32, marks=(25, 100))
+    # A 16-token full cache doubles as it fills (32 tokens at the first mark, 128 at the second), as nbytes shows.
+    cache = build_cache(model.config, "full", capacity=16)
+    nll, nbytes = _stream_in_chunks(model, cache, ticks, chunk=32, marks=(25, 100))
     # 25 = a quarter of the stream, as the default 100,000-tick run asks for 25,000 with chunks of 32.
     assert set(nbytes) == {25, 100} and nbytes[25] < nbytes[100]
     # Cutting the stream at the marks changes nothing: the full cache's chunked NLL is one forward pass's.
     with torch.no_grad():
         whole = _token_nll(model(ticks).logits[0, :-1], ticks[0, 1:])
     np.testing.assert_allclose(nll, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_bench_runs_both_paths_on_the_same_sessions(tmp_path, tiny_checkpoint):
+    from hf_kvtrade.benchmarks import batch
+
+    path = tmp_path / "batch.json"
+    args = argparse.Namespace(
+        json=str(path), checkpoint=str(tiny_checkpoint), symbols=[1, 3], rounds=2, history=12, threads=1, quick=False
+    )
+    assert batch.run(args) == 0
+    report = json.loads(path.read_text())
+    assert set(report["results"]) == {"1", "3"} and report["rounds"] == 2
+    three = report["results"]["3"]
+    assert 6 <= three["history_bars"][0] <= three["history_bars"][1] <= 12
+    # 2 layers x (K + V) x 2 KV heads x 32 dims x 4 bytes = 1 KiB per token, for the 24-token window of each session.
+    assert three["cache_bytes"] == 3 * 1024 * 24
+    assert three["batched_ticks_per_s"] > 0 and three["sequential_ticks_per_s"] > 0
+    assert report["target"] == {"symbols": 64, "speedup": 8.0, "verdict": None}
+    assert MACHINE_KEYS <= set(report["machine"])

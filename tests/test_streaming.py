@@ -11,7 +11,9 @@ from hf_kvtrade import KVTradeForCausalLM
 from hf_kvtrade.context import ContextPolicy
 from hf_kvtrade.presets import load_preset
 from hf_kvtrade.signals import Signal
-from hf_kvtrade.streaming import PreallocatedKVCache, StreamingForecaster
+from hf_kvtrade.cache import kv_cache_bytes
+from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from hf_kvtrade.streaming import StreamingForecaster
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +97,7 @@ def test_sink_policy_runs_past_the_training_context_in_constant_memory():
     for step in range(64):
         np.testing.assert_allclose(ticks[step].distribution.probs, reference[step], atol=1e-6)
     assert engine.prefills == 1
-    assert engine.session_bytes("spx") == PreallocatedKVCache.bytes_for(model.config, 64)
+    assert engine.session_bytes("spx") == kv_cache_bytes(model.config, 64)
     assert all(np.isfinite(tick.prob_up) for tick in ticks)
 
 
@@ -116,7 +118,7 @@ def test_selective_policy_is_exact_until_its_budget_then_bounded(selection):
 def test_eviction_and_reprefill_restore_the_same_forecasts(model):
     symbols = ["a", "b", "c"]
     series = {symbol: random_walk(40, seed=10 + i) for i, symbol in enumerate(symbols)}
-    session_bytes = PreallocatedKVCache.bytes_for(model.config, 64)
+    session_bytes = kv_cache_bytes(model.config, 64)
     budget = 2 * session_bytes + session_bytes // 2  # room for two sessions, never three
     policy = ContextPolicy(window=64, stride=32)
     bounded = StreamingForecaster(model, context_policy=policy, memory_budget_bytes=budget)
@@ -139,7 +141,7 @@ def test_eviction_and_reprefill_restore_the_same_forecasts(model):
 
 
 def test_growing_quantized_caches_stay_under_the_budget(model):
-    budget = 3 * PreallocatedKVCache.bytes_for(model.config, 30)
+    budget = 3 * kv_cache_bytes(model.config, 30)
     engine = StreamingForecaster(model, cache_policy="int8", memory_budget_bytes=budget)
     for step, price in enumerate(random_walk(50, seed=20)):
         for symbol in ("a", "b", "c"):
@@ -148,7 +150,7 @@ def test_growing_quantized_caches_stay_under_the_budget(model):
     assert engine.evictions > 0
 
 
-def test_market_prefix_is_computed_once_and_copied_into_each_session(model):
+def test_market_prefix_is_computed_once_and_shared_by_each_session(model):
     engine = StreamingForecaster(model)
     index = random_walk(50, seed=30)
     engine.set_market_context(index)
@@ -161,6 +163,77 @@ def test_market_prefix_is_computed_once_and_copied_into_each_session(model):
         reference = full_forward_bin_probs(model, prefix_ids + engine.history(symbol))[len(prefix_ids) :]
         for tick, expected in zip(symbol_ticks, reference):
             np.testing.assert_allclose(tick.distribution.probs, expected, atol=1e-6)
+
+
+def test_sessions_read_the_market_prefix_by_reference(model):
+    index = random_walk(50, seed=70)
+    series = {symbol: random_walk(12 + 9 * i, seed=71 + i) for i, symbol in enumerate(["a", "b", "c"])}
+    batched, sequential = StreamingForecaster(model), StreamingForecaster(model)
+    for engine in (batched, sequential):
+        engine.set_market_context(index)
+        for symbol, prices in series.items():
+            engine.prime(symbol, prices)
+    for step, bars in enumerate(zip(*(random_walk(5, seed=80 + i) for i in range(3)))):
+        ticks = batched.update_many(dict(zip(series, bars)))
+        for symbol, bar in zip(series, bars):
+            expected = sequential.update(symbol, bar)
+            np.testing.assert_allclose(ticks[symbol].distribution.probs, expected.distribution.probs, atol=1e-6)
+    # The tiny model keeps 2 layers x (K + V) x 2 KV heads x 32 dims x 4 bytes = 1 KiB per token. The prefix is its
+    # 50 tokens once; each session holds buffers for the 512 - 50 tokens of its own window, none of the prefix.
+    assert batched.cache_bytes() == 1024 * 50 + 3 * 1024 * (512 - 50)
+    assert batched.session_bytes("a") == 1024 * (512 - 50)
+    for symbol in series:
+        assert batched.session_cache(symbol).num_tokens_held() == len(batched.history(symbol))
+
+
+@pytest.mark.parametrize("policy, kwargs", [("int8", {"residual_length": 64}), ("selective", {"budget": 100, "policy": "recency"})])
+def test_other_policies_read_the_market_prefix_by_reference(model, policy, kwargs):
+    # Budgets too large to quantize or evict within the stream, so the caches are exact behind the prefix.
+    engine = StreamingForecaster(model, cache_policy=policy, cache_kwargs=kwargs)
+    index = random_walk(30, seed=90)
+    engine.set_market_context(index)
+    ticks = [engine.update("a", price) for price in random_walk(40, seed=91)]
+    prefix_ids = engine.tokenizer.encode(index).tolist()
+    reference = full_forward_bin_probs(model, prefix_ids + engine.history("a"))[len(prefix_ids) :]
+    for tick, expected in zip(ticks, reference):
+        np.testing.assert_allclose(tick.distribution.probs, expected, atol=1e-5)
+    assert engine.session_cache("a").num_tokens_held() == 40
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_checkpoint(SHIPPED_CHECKPOINT)
+
+
+def test_update_many_equals_one_update_per_symbol_on_the_shipped_checkpoint(shipped):
+    model, tokenizer = shipped
+    policy = ContextPolicy.from_config(model.config)
+    window = policy.window
+    histories = {
+        "long": random_walk(2 * window + 100, seed=50),  # past the window, between two rebases
+        "rebasing": random_walk(window - 1, seed=51),  # its next bar moves the anchor
+        "short": random_walk(100, seed=52),
+    }
+    batched, sequential = StreamingForecaster(model, tokenizer), StreamingForecaster(model, tokenizer)
+    for engine in (batched, sequential):
+        for symbol, prices in histories.items():
+            engine.prime(symbol, prices)
+    assert batched.sessions["rebasing"].anchor == 0
+    future = {symbol: random_walk(5, seed=60 + i) for i, symbol in enumerate([*histories, "new"])}
+    for step in range(5):
+        bars = {symbol: prices[step] for symbol, prices in future.items()}
+        ticks = batched.update_many(bars)
+        for symbol, bar in bars.items():
+            expected = sequential.update(symbol, bar)
+            np.testing.assert_allclose(
+                ticks[symbol].distribution.probs, expected.distribution.probs, atol=1e-5, err_msg=f"{symbol} {step}"
+            )
+            assert ticks[symbol].context_tokens == expected.context_tokens
+    assert batched.sessions["rebasing"].anchor == policy.stride
+    assert batched.context_ids("long") == sequential.context_ids("long")
+    assert len(batched.context_ids("long")) > window // 2
+    # Per batch: at most one prefill per symbol (the new one and the rebase), every other tick one batched token.
+    assert batched.prefills == sequential.prefills == len(histories) + 2
 
 
 def test_asyncio_feeds_give_the_same_ticks_as_direct_updates(model):
@@ -194,7 +267,7 @@ def test_latency_statistics_and_bar_formats(model):
     assert tick.timestamp == 3 and tick.forecast.last_price == 100.5
     stats = engine.latency_stats()
     assert stats["ticks"] == 3 and 0 < stats["p50_ms"] <= stats["p99_ms"]
-    assert stats["cache_bytes"] == PreallocatedKVCache.bytes_for(model.config, 512)
+    assert stats["cache_bytes"] == kv_cache_bytes(model.config, 512)
 
 
 @pytest.mark.parametrize(
@@ -230,11 +303,37 @@ def test_stream_benchmark_writes_the_documented_layout(tmp_path, model):
     path = tmp_path / "stream.json"
     args = Namespace(
         json=str(path), checkpoint=str(tmp_path / "tiny"), contexts=[48, 64], ticks=8, repeats=1,
-        threads=1, policy="full", compile=False, quick=False,
+        threads=1, policy="full", quick=False,
     )
     assert stream.run(args) == 0
     report = json.loads(path.read_text())
     assert report["model"] == f"checkpoint {tmp_path / 'tiny'}"
+    assert set(report["contexts"]) == {"48", "64"}
     for context in ("48", "64"):
         entry = report["contexts"][context]
-        assert entry["ratio"] == pytest.approx(entry["recompute_ms"] / entry["incremental_p50_ms"], abs=0.1)
+        assert entry["ticks"] == 8
+        # One session whose buffers hold the widened timing window of 512 tokens at 2 layers x (K + V) x 2 KV
+        # heads x 32 dims x 4 bytes = 1 KiB per token.
+        assert entry["cache_bytes"] == 512 * 1024
+        assert entry["read_weights_and_cache_ms"] > 0 and entry["recompute_ms"] > 0
+    assert {report["targets"]["p50_over_floor"]["verdict"], report["targets"]["flatness"]["verdict"]} <= {"met", "MISSED"}
+
+
+def test_torch_summary_equals_the_numpy_distribution_maths():
+    from hf_kvtrade.distribution import BinnedDistribution
+    from hf_kvtrade.streaming.summary import ForecastSummarizer
+    from hf_kvtrade.tokenization_kvtrade import ReturnTokenizer
+
+    tokenizer = ReturnTokenizer()
+    logits = torch.randn(6, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+    logits[1, 500:700] = -float("inf")  # empty bins: flat stretches of the CDF around the median
+    logits[2, tokenizer.first_bin_id + 10] = 40.0  # nearly all mass in one bin
+    levels = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    forecasts = ForecastSummarizer(tokenizer, levels)(logits, [100.0 + row for row in range(6)])
+    for row, forecast in enumerate(forecasts):
+        reference = BinnedDistribution.from_token_probs(torch.softmax(logits[row], -1).numpy(), tokenizer)
+        np.testing.assert_allclose(forecast.distribution.probs, reference.probs, atol=1e-12)
+        np.testing.assert_allclose(forecast.return_quantiles[0], reference.quantile(levels), atol=1e-9)
+        assert forecast.prob_up[0] == pytest.approx(reference.prob_up(), abs=1e-12)
+        assert forecast.mean_return[0] == pytest.approx(reference.mean(), abs=1e-12)
+        assert forecast.last_price == 100.0 + row

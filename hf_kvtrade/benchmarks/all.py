@@ -1,6 +1,7 @@
 """Every benchmark side by side in one run: report.json, report.md (tables) and report.png under --out.
 
-Runs, in one process on one machine: KV cache vs full recompute by context (stream), MHA vs GQA vs MQA (gqa),
+Runs, in one process on one machine: KV cache vs full recompute by context (stream), batched ticks for many
+symbols vs one at a time (batch), MHA vs GQA vs MQA (gqa),
 cache policies (cache), attention backends at long context (attention), Transformers vs vLLM serving (serve) and
 the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
 arguments, so `kvtrade bench all` measures exactly what `kvtrade bench NAME` measures.
@@ -16,7 +17,7 @@ import traceback
 from pathlib import Path
 
 # Order: the cheap, central comparisons first, so a failure late in the run still leaves them in the report.
-SECTIONS = ("stream", "gqa", "cache", "attention", "serve", "attention_map")
+SECTIONS = ("stream", "batch", "gqa", "cache", "attention", "serve", "attention_map")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +96,17 @@ def render_markdown(report: dict) -> str:
     if "stream" in results:
         contexts = results["stream"]["contexts"]
         parts.append("## KV cache vs full recompute, per tick\n\n" + _table(
-            ["context", "incremental p50 ms", "recompute ms", "ratio", "machine"],
-            [[ctx, row["incremental_p50_ms"], row["recompute_ms"], row["ratio"], machine] for ctx, row in contexts.items()],
+            ["context", "incremental p50 ms", "floor ms", "p50 / floor", "recompute ms", "recompute / p50", "machine"],
+            [[ctx, row["incremental_p50_ms"], row["read_weights_and_cache_ms"], row["p50_over_floor"], row["recompute_ms"],
+              row["recompute_over_p50"], machine] for ctx, row in contexts.items()],
+        ))
+    if "batch" in results:
+        parts.append("## Batched ticks (update_many) vs one update per symbol\n\n" + _table(
+            ["symbols", "batched ticks/s", "sequential ticks/s", "speedup", "CPU-time speedup", "step p50 ms",
+             "step p99 ms", "machine"],
+            [[row["symbols"], row["batched_ticks_per_s"], row["sequential_ticks_per_s"], row["speedup"],
+              row["cpu_speedup"], row["batch_step_p50_ms"], row["batch_step_p99_ms"], _machine_label(results["batch"]["machine"])]
+             for row in results["batch"]["results"].values()],
         ))
     if "gqa" in results:
         parts.append("## MHA vs GQA vs MQA at equal width\n\n" + _table(

@@ -19,11 +19,6 @@ WARMUP_STEPS = 2
 SEED_CLAIMS = {"cache_reduction": "2-4x less KV cache", "decode_speedup": "1.9-3.3x faster"}
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes held by the key and value tensors of every layer of a Transformers cache."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
 def measure(
     preset: str = "small",
     flavours=("mha", "gqa", "mqa"),
@@ -35,8 +30,8 @@ def measure(
 ) -> dict:
     """Returns ``{"rows": [...], ...}`` with one row per (flavour, context); ratios are relative to the first flavour."""
     import torch
-    from transformers import DynamicCache
 
+    from ..cache import FullKVCache, kv_cache_bytes
     from ..modeling_kvtrade import KVTradeForCausalLM
     from ..presets import load_preset
 
@@ -53,7 +48,8 @@ def measure(
             config._attn_implementation = attn_implementation
             torch.manual_seed(seed)
             model = KVTradeForCausalLM(config).to(device).eval()
-            cache = DynamicCache(config=config)
+            # Room for the longest context plus the decode step's token, allocated before timing starts.
+            cache = FullKVCache(config, capacity=contexts[0] + 1, dtype=torch.float32, device=device)
             model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
             contenders[flavour] = (model, cache)
 
@@ -79,8 +75,8 @@ def measure(
                         "num_attention_heads": model.config.num_attention_heads,
                         "num_key_value_heads": model.config.num_key_value_heads,
                         "context": context,
-                        "cache_bytes_per_token": cache_nbytes(cache) / cache.get_seq_length(),
-                        "cache_mib": cache_nbytes(cache) / 2**20,
+                        "cache_bytes_per_token": kv_cache_bytes(model.config, 1),
+                        "cache_mib": kv_cache_bytes(model.config, context) / 2**20,
                         "decode_p50_ms": percentile_ms(durations[flavour], 50),
                         "decode_p90_ms": percentile_ms(durations[flavour], 90),
                         "decode_steps": decode_steps,

@@ -1,0 +1,149 @@
+"""The engine's model runner: chunked prefill through ``model.forward``, and one decode step for N sessions at once.
+
+The decode step runs the model's own modules (Llama names: ``embed_tokens``, ``rotary_emb``, ``input_layernorm``,
+``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``)
+for one new token per session, skipping the per-call mask and output bookkeeping of ``model.forward`` that
+dominates a one-token step on a CPU. The query, key and value projections are fused into one matrix per layer,
+and the gate and up projections into another, at construction: the model's own weights are not touched.
+
+N sessions of different lengths decode together in a padded layout: row ``r`` holds the shared prefix, then the
+session's cached tokens and its new token, then padding; its query sits at its own position, and a boolean mask
+hides the padding. Attention is SDPA over the KV heads, each KV head's query heads laid out as its query rows (one
+token per row, all at the same position), so no key or value is repeated: on this project's CPU that measured
+about 1.4x faster than SDPA's ``enable_gqa`` (1.7 vs 2.3 ms for 64 rows of 520 tokens, 17 vs 28 us for one row).
+One session needs no padding and no mask: attention reads its cache's buffers in place. With many sessions each
+row's history is copied into the padded workspace every layer, a cost beside attention's own read of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
+
+from ..cache import FullKVCache
+
+
+class BatchedDecoder:
+    """Prefill and batched one-token decode over :class:`~hf_kvtrade.cache.FullKVCache` sessions.
+
+    Args:
+        model: a Llama-layout causal LM in eval mode.
+        prefill_chunk: tokens per forward pass when filling a cache, which bounds prefill memory.
+    """
+
+    def __init__(self, model, prefill_chunk: int = 1024):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model = model
+        self.config = model.config
+        self.prefill_chunk = prefill_chunk
+        self.num_heads = self.config.num_attention_heads
+        self.num_kv_heads = self.config.num_key_value_heads
+        self.head_dim = self.config.head_dim
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.layers = list(model.model.layers[: self.config.num_hidden_layers])
+        with torch.no_grad():
+            self.qkv = [_fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers]
+            self.gate_up = [_fuse(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers]
+        self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def prefill(self, ids: list[int], cache, start_position: int) -> torch.Tensor:
+        """Runs ``ids`` at positions ``start_position, ...`` into ``cache``; returns the last token's logits."""
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = torch.tensor([ids[start : start + self.prefill_chunk]], device=self.device)
+            positions = torch.arange(chunk.shape[1], device=self.device) + start_position + start
+            output = self.model(
+                input_ids=chunk,
+                position_ids=positions.unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = output.logits[0, -1]
+        return logits
+
+    def step(self, token_ids: list[int], caches: list[FullKVCache], prefix: FullKVCache | None = None) -> torch.Tensor:
+        """Appends ``token_ids[r]`` to ``caches[r]`` for every row ``r`` in one batched pass; returns the next-token
+        logits, shape ``(len(caches), vocab_size)``. Each cache's tokens follow the shared ``prefix``, if any."""
+        rows = len(caches)
+        prefix_length = 0 if prefix is None else prefix.get_seq_length()
+        lengths = [cache.get_seq_length() for cache in caches]
+        positions = torch.tensor(lengths, device=self.device) + prefix_length
+        hidden = self.model.model.embed_tokens(torch.tensor(token_ids, device=self.device)[:, None])
+        cos, sin = self.model.model.rotary_emb(hidden, position_ids=positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads and query rows: (rows, 1, 1, head_dim)
+        padded_length = prefix_length + max(lengths) + 1
+        mask = None
+        if rows > 1:
+            visible = prefix_length + torch.tensor(lengths, device=self.device) + 1
+            mask = (torch.arange(padded_length, device=self.device)[None] < visible[:, None])[:, None, None]
+
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(layer.input_layernorm(hidden), *self.qkv[index])
+            query, key, value = qkv.split(self.split, dim=-1)
+            # Query head h reads KV head h // groups (as repeat_kv lays them out), so the query heads of one KV
+            # head form its `groups` query rows: plain SDPA over the KV heads, no repeated keys and values.
+            query = query.view(rows, self.num_kv_heads, self.groups, self.head_dim)
+            key = key.view(rows, self.num_kv_heads, 1, self.head_dim)
+            value = value.view(rows, self.num_kv_heads, 1, self.head_dim)
+            query = query * cos + rotate_half(query) * sin
+            key = key * cos + rotate_half(key) * sin
+            if rows == 1:
+                keys, values = caches[0].layers[index].update(key, value)
+                if prefix is not None:
+                    prefix_keys, prefix_values = prefix.layers[index].filled()
+                    keys, values = torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
+            else:
+                keys, values = self._padded(index, key, value, caches, prefix, padded_length)
+            output = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
+            hidden = hidden + layer.self_attn.o_proj(output.reshape(rows, 1, -1))
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return self.model.lm_head(self.model.model.norm(hidden))[:, 0]
+
+    def _padded(self, index, key, value, caches, prefix, padded_length):
+        """Writes each row's new K/V into its cache and lays prefix + cache out in the padded batch.
+
+        The batch lives in one workspace reused by every layer and step. Its padding keeps whatever an earlier
+        layer left there (finite keys and values, zeros at first): the mask gives it zero weight either way.
+        """
+        rows = len(caches)
+        shape = (rows, self.num_kv_heads, padded_length, self.head_dim)
+        if self._workspace is None or any(need > have for need, have in zip(shape, self._workspace[0].shape)):
+            have = self._workspace[0].shape if self._workspace is not None else shape
+            # Lengths grow a token per step: round up so the workspace is reallocated rarely.
+            grown = (max(rows, have[0]), shape[1], -(-max(padded_length, have[2]) // 256) * 256, shape[3])
+            self._workspace = (key.new_zeros(grown), key.new_zeros(grown))
+        keys = self._workspace[0][:rows, :, :padded_length]
+        values = self._workspace[1][:rows, :, :padded_length]
+        start = 0
+        if prefix is not None:
+            prefix_keys, prefix_values = prefix.layers[index].filled()
+            start = prefix_keys.shape[-2]
+            keys[:, :, :start] = prefix_keys
+            values[:, :, :start] = prefix_values
+        for row, cache in enumerate(caches):
+            row_keys, row_values = cache.layers[index].update(key[row : row + 1], value[row : row + 1])
+            end = start + row_keys.shape[-2]
+            keys[row, :, start:end] = row_keys[0]
+            values[row, :, start:end] = row_values[0]
+        return keys, values
+
+
+def _fuse(*projections: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One ``(weight, bias)`` computing every projection's output side by side."""
+    weight = torch.cat([projection.weight for projection in projections])
+    biases = [projection.bias for projection in projections]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return weight, bias
+
+
+__all__ = ["BatchedDecoder"]

@@ -1,0 +1,441 @@
+"""The streaming engine: bars in, forecasts out, one KV-cached session per symbol and one token of compute per tick.
+
+Which tokens a session conditions on is the checkpoint's :class:`~hf_kvtrade.context.ContextPolicy`, the rule
+``Forecaster`` and the vLLM clients follow too: between rebases a tick appends one token to the cache, and when the
+policy's anchor moves the cache is rebuilt from the new anchor. A session therefore gives, at every bar, the
+forecast a stateless ``Forecaster`` gives for the same prices. Only the ``sink`` cache departs from it on purpose:
+it is the alternative for endless streams without rebase ticks, sized so that no query-key distance exceeds the
+policy's window.
+
+The ``full`` policy decodes through :class:`~hf_kvtrade.streaming.decoder.BatchedDecoder` (all sessions of an
+``update_many`` call in one pass); the other policies (``int8``, ``int4``, ``sink``, ``selective``) step each
+session through ``model.forward`` with the caches of ``hf_kvtrade.cache``. Sessions and the memory budget live in
+:class:`~hf_kvtrade.streaming.sessions.SessionStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from ..cache import CACHE_POLICIES, FullKVCache, PrefixedCache, build_cache, kv_cache_bytes, track_attention
+from ..context import ContextPolicy
+from ..distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast
+from ..signals import Signal, SignalRule
+from ..tokenization_kvtrade import ReturnTokenizer
+from .decoder import BatchedDecoder
+from .sessions import Session, SessionStore
+from .summary import ForecastSummarizer
+
+# Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
+BOUNDED_POLICIES = ("sink",)
+
+
+@dataclass
+class TickForecast:
+    """What ``StreamingForecaster.update`` returns for one bar: the next-bar forecast, its signal and its cost."""
+
+    symbol: str
+    timestamp: Any
+    forecast: Forecast
+    signal: Signal
+    latency_ms: float
+    context_tokens: int
+
+    @property
+    def prob_up(self) -> float:
+        return float(self.forecast.prob_up[0])
+
+    @property
+    def mean_return(self) -> float:
+        return float(self.forecast.mean_return[0])
+
+    @property
+    def distribution(self) -> BinnedDistribution:
+        return self.forecast.distribution
+
+
+class StreamingForecaster:
+    """Per-symbol KV-cached forecasts of the next bar, one token of compute per tick.
+
+    >>> engine = StreamingForecaster(model, cache_policy="full", memory_budget_bytes=256 << 20)
+    >>> engine.set_market_context(index_prices)          # optional, computed once and shared by reference
+    >>> tick = engine.update("msft", {"close": 411.2, "timestamp": now})
+    >>> ticks = engine.update_many({"msft": 411.2, "aapl": 190.1})   # one batched decode step
+    >>> tick.prob_up, tick.signal, tick.latency_ms
+
+    Args:
+        model: a ``KVTradeForCausalLM``; it is put in eval mode.
+        tokenizer: defaults to the tokenizer of the model's config.
+        cache_policy: one of ``CACHE_POLICIES``.
+        memory_budget_bytes: cap on the bytes of all session caches together (the shared prefix counted once).
+        context_policy: which tokens a forecast conditions on; defaults to the checkpoint's
+            (``ContextPolicy.from_config``), the rule every other path follows.
+        signal_rule: turns each forecast into a ``Signal``.
+        cache_kwargs: passed to ``hf_kvtrade.cache.build_cache`` for the non-``full`` policies.
+        prefill_chunk: tokens per forward pass when (re-)building a cache, which bounds prefill memory.
+        max_latency_samples: how many of the latest tick latencies ``latency_stats`` summarises.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: ReturnTokenizer | None = None,
+        cache_policy: str = "full",
+        memory_budget_bytes: int | None = None,
+        context_policy: ContextPolicy | None = None,
+        quantiles=DEFAULT_QUANTILES,
+        signal_rule: SignalRule | None = None,
+        cache_kwargs: Mapping[str, Any] | None = None,
+        prefill_chunk: int = 1024,
+        max_latency_samples: int = 100_000,
+    ):
+        if cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer or ReturnTokenizer.from_config(self.config)
+        if self.tokenizer.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} ids but the model has vocab_size {self.config.vocab_size}"
+            )
+        self.cache_policy = cache_policy
+        self.context_policy = context_policy or ContextPolicy.from_config(self.config)
+        if self.context_policy.window > self.config.max_position_embeddings:
+            raise ValueError(
+                f"context window {self.context_policy.window} exceeds the model's max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        self._symbol_policy = self.context_policy
+        self.sessions = SessionStore(memory_budget_bytes)
+        self.decoder = BatchedDecoder(self.model, prefill_chunk)
+        self.quantiles = tuple(quantiles)
+        self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
+        self.signal_rule = signal_rule or SignalRule()
+        self.cache_kwargs = dict(cache_kwargs or {})
+        if cache_policy in ("sink", "selective"):
+            # Sized from this engine's policy, which may differ from the checkpoint's.
+            self.cache_kwargs.setdefault("context_policy", self.context_policy)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        if self._scores_attention:
+            # H2O-style eviction ranks tokens by the attention they receive, which only eager attention reports.
+            self.model.set_attn_implementation("eager")
+            track_attention(self.model)
+        self._prefix_ids: list[int] = []
+        self._prefix_cache: FullKVCache | None = None
+        self._latencies_ms: deque[float] = deque(maxlen=max_latency_samples)
+        self.tokens_computed = 0
+        self.prefills = 0
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return self.sessions.budget_bytes
+
+    @property
+    def evictions(self) -> int:
+        return self.sessions.evictions
+
+    @property
+    def peak_cache_bytes(self) -> int:
+        return self.sessions.peak_cache_bytes
+
+    # ------------------------------------------------------------------------------------------- market prefix
+    @torch.inference_mode()
+    def set_market_context(self, prices) -> None:
+        """Computes the cache of a market-wide series (e.g. an index) once; every new session reads it by reference.
+
+        Memory is one prefix plus each session's own tokens. Sessions that already exist keep the context they
+        started with until they are rebuilt.
+        """
+        if self._scores_attention:
+            raise ValueError(
+                "a shared market context cannot seed a selective cache that ranks tokens by attention: the shared "
+                "prefix has no attention history; use policy='recency' or another cache policy"
+            )
+        if self.cache_policy in BOUNDED_POLICIES:
+            raise ValueError(
+                f"cache policy {self.cache_policy!r} bounds query-key distances, which a prefix at fixed positions "
+                "would break; use another cache policy with a market context"
+            )
+        ids = self.tokenizer.encode(prices).tolist()
+        symbol_policy = self.context_policy.shifted(len(ids))
+        cache = FullKVCache(self.config, capacity=len(ids), dtype=self.dtype, device=self.device)
+        self.decoder.prefill(ids, cache, start_position=0)
+        self.tokens_computed += len(ids)
+        self._prefix_ids, self._prefix_cache, self._symbol_policy = ids, cache, symbol_policy
+        self.sessions.prefix_bytes = cache.nbytes()
+
+    @property
+    def _scores_attention(self) -> bool:
+        return self.cache_policy == "selective" and self.cache_kwargs.get("policy", "hybrid") != "recency"
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self._prefix_ids)
+
+    # ------------------------------------------------------------------------------------------------- ticks
+    def update(self, symbol: str, bar) -> TickForecast:
+        """Appends ``bar`` (a price, or a mapping / object with ``close`` and optional ``timestamp``) to the
+        session of ``symbol`` and returns the forecast of the next bar."""
+        return self.update_many({symbol: bar})[symbol]
+
+    @torch.inference_mode()
+    def update_many(self, bars: Mapping[str, Any]) -> dict[str, TickForecast]:
+        """Appends one bar to each symbol's session and advances them all in one batched decode step.
+
+        The forecasts equal those of one ``update`` per symbol. Sessions that need a prefill (new, evicted, or at a
+        rebase of the context policy) get it first; the rest share the decode step. Every tick's ``latency_ms`` is
+        the time of the whole call, when its forecast became available.
+        """
+        started = time.perf_counter()
+        if not bars:
+            raise ValueError("update_many needs at least one bar")
+        parsed = {symbol: _parse_bar(bar) for symbol, bar in bars.items()}
+        for symbol, (_, timestamp) in parsed.items():
+            session = self.sessions.get(symbol)
+            if timestamp is not None and session is not None and session.last_timestamp is not None:
+                if not timestamp > session.last_timestamp:
+                    raise ValueError(
+                        f"bar for {symbol!r} at {timestamp} is not after the previous bar at {session.last_timestamp}"
+                    )
+        batch = list(parsed)
+        stepping = {}
+        for symbol, (price, timestamp) in parsed.items():
+            session = self.sessions.open(symbol)
+            if session.last_price is None:
+                token_id = self.tokenizer.bos_token_id
+            else:
+                token_id = int(self.tokenizer.encode_returns([math.log(price / session.last_price)])[0])
+            session.token_ids.append(token_id)
+            session.last_price, session.last_timestamp = price, timestamp
+            if session.cache is not None and self._anchor_of(session) == session.anchor:
+                stepping[symbol] = token_id
+        for symbol in batch:
+            if symbol not in stepping:
+                self._rebuild(self.sessions[symbol], keep=batch)
+        if stepping:
+            self._step(stepping, keep=batch)
+        self.sessions.enforce(self._growth_headroom(), keep=batch)
+        ticks = self._ticks(batch, latency_ms=0.0)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        for tick in ticks.values():
+            tick.latency_ms = latency_ms
+        self._latencies_ms.extend([latency_ms] * len(ticks))
+        return ticks
+
+    @torch.inference_mode()
+    def prime(self, symbol: str, prices, timestamps=None) -> TickForecast:
+        """Starts the session of ``symbol`` from a history of prices in one prefill (e.g. before going live).
+
+        The context follows the policy, so the forecast equals what bar-by-bar ``update`` calls over the same
+        prices give at the end, and what ``Forecaster.predict`` gives for them.
+        """
+        if symbol in self.sessions:
+            raise ValueError(f"symbol {symbol!r} already has a session; prime only new symbols")
+        started = time.perf_counter()
+        prices = np.asarray(prices, dtype=np.float64)
+        session = Session(token_ids=self.tokenizer.encode(prices, timestamps).tolist())
+        session.last_price = float(prices[-1])
+        session.last_timestamp = None if timestamps is None else timestamps[-1]
+        self.sessions.open(symbol, session)
+        self._rebuild(session, keep=(symbol,))
+        self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
+        return self._timed_tick(symbol, started)
+
+    @torch.inference_mode()
+    def forecast(self, symbol: str) -> TickForecast:
+        """The forecast after the symbol's latest bar; an evicted session is re-prefilled from its history."""
+        started = time.perf_counter()
+        session = self.sessions.get(symbol)
+        if session is None or not session.token_ids:
+            raise ValueError(f"no bars seen for symbol {symbol!r}")
+        self.sessions.open(symbol)
+        if session.cache is None:
+            self._rebuild(session, keep=(symbol,))
+            self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
+        return self._timed_tick(symbol, started)
+
+    def _timed_tick(self, symbol: str, started: float) -> TickForecast:
+        tick = self._ticks([symbol], latency_ms=0.0)[symbol]
+        tick.latency_ms = (time.perf_counter() - started) * 1e3
+        return tick
+
+    def _ticks(self, symbols: list[str], latency_ms: float) -> dict[str, TickForecast]:
+        """The forecasts after each symbol's latest bar, summarised together."""
+        sessions = [self.sessions[symbol] for symbol in symbols]
+        logits = torch.stack([session.last_logits for session in sessions])
+        forecasts = self.summarize(logits, [session.last_price for session in sessions])
+        return {
+            symbol: TickForecast(
+                symbol=symbol,
+                timestamp=session.last_timestamp,
+                forecast=forecast,
+                signal=self.signal_rule(forecast),
+                latency_ms=latency_ms,
+                context_tokens=self.prefix_length + session.tokens_in_cache,
+            )
+            for symbol, session, forecast in zip(symbols, sessions, forecasts)
+        }
+
+    # ------------------------------------------------------------------------------------ cache construction
+    def _anchor_of(self, session: Session) -> int:
+        """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache."""
+        if self.cache_policy in BOUNDED_POLICIES:
+            return 0
+        return self._symbol_policy.start(len(session.token_ids))
+
+    def _rebuild(self, session: Session, keep: Collection[str]) -> None:
+        """(Re-)prefills the session's context behind the shared prefix and keeps its last logits."""
+        session.cache = None
+        session.anchor = self._anchor_of(session)
+        window = session.token_ids[session.anchor :]
+        self.sessions.reserve(self._projected_bytes(len(window)), keep)
+        cache = self._new_cache()
+        session.cache = cache
+        if self._prefix_cache is not None:
+            cache = PrefixedCache(self._prefix_cache, cache)
+            if self.cache_policy != "full":
+                # model.forward steps it from now on; the full policy's decoder reads the prefix itself.
+                session.cache = cache
+        session.last_logits = self.decoder.prefill(window, cache, start_position=self.prefix_length)
+        self.tokens_computed += len(window)
+        self.prefills += 1
+
+    def _new_cache(self) -> Cache:
+        if self.cache_policy == "full":
+            return FullKVCache(self.config, capacity=self._symbol_policy.window, dtype=self.dtype, device=self.device)
+        return build_cache(self.config, self.cache_policy, **self.cache_kwargs)
+
+    def _projected_bytes(self, num_tokens: int) -> int:
+        """Upper bound on a new session's bytes: what it allocates (full), else its tokens at full precision."""
+        if self.cache_policy == "full":
+            return kv_cache_bytes(self.config, self._symbol_policy.window, self.dtype)
+        tokens = num_tokens + 1
+        most_held = self._new_cache().get_max_length()
+        if most_held > 0:
+            tokens = min(tokens, most_held + 1)
+        return kv_cache_bytes(self.config, tokens, self.dtype)
+
+    def _growth_headroom(self) -> int:
+        """Room a growing cache (quantized, selective) needs for its next token; a full cache never grows."""
+        return 0 if self.cache_policy == "full" else kv_cache_bytes(self.config, 1, self.dtype)
+
+    # ------------------------------------------------------------------------------------------ decode steps
+    def _step(self, token_ids: Mapping[str, int], keep: Collection[str]) -> None:
+        """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
+        sessions = [self.sessions[symbol] for symbol in token_ids]
+        if self.cache_policy == "full":
+            logits = self.decoder.step(list(token_ids.values()), [s.cache for s in sessions], self._prefix_cache)
+            for session, row in zip(sessions, logits):
+                session.last_logits = row
+        else:
+            for session, token_id in zip(sessions, token_ids.values()):
+                # Positions come from the cache's count of tokens seen, which is what sink caches re-rotate against.
+                output = self.model(
+                    input_ids=torch.tensor([[token_id]], device=self.device),
+                    past_key_values=session.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                session.last_logits = output.logits[0, -1]
+        self.tokens_computed += len(sessions)
+
+    # ------------------------------------------------------------------------------------------ memory budget
+    def session_bytes(self, symbol: str) -> int:
+        return self.sessions.session_bytes(symbol)
+
+    def cache_bytes(self) -> int:
+        """Bytes of all live caches: the shared prefix once plus every resident session's own tokens."""
+        return self.sessions.cache_bytes()
+
+    def evict(self, symbol: str) -> None:
+        """Drops the cache of ``symbol`` (its history stays; it is re-prefilled on its next bar)."""
+        self.sessions.evict(symbol)
+
+    def session_cache(self, symbol: str) -> Cache | None:
+        """The live cache of ``symbol`` (None when evicted); for inspection, not for mutation."""
+        return self.sessions[symbol].cache if symbol in self.sessions else None
+
+    def is_resident(self, symbol: str) -> bool:
+        return symbol in self.sessions and self.sessions[symbol].cache is not None
+
+    @property
+    def symbols(self) -> list[str]:
+        return self.sessions.symbols
+
+    def history(self, symbol: str) -> list[int]:
+        """Every token id the symbol has produced (what an evicted session is re-prefilled from)."""
+        return list(self.sessions[symbol].token_ids) if symbol in self.sessions else []
+
+    def context_ids(self, symbol: str) -> list[int]:
+        """The token ids the symbol's forecast is conditioned on: market prefix, then its cached tokens."""
+        session = self.sessions[symbol]
+        anchor = session.anchor if session.cache is not None else self._anchor_of(session)
+        return self._prefix_ids + session.token_ids[anchor:]
+
+    # ------------------------------------------------------------------------------------------------- stats
+    def latency_stats(self) -> dict[str, float]:
+        """Per-tick latency percentiles (milliseconds) over the most recent ticks, and cache sizes in bytes."""
+        latencies = np.asarray(self._latencies_ms)
+        stats = {"ticks": int(latencies.size), "cache_bytes": self.cache_bytes(), "peak_cache_bytes": self.peak_cache_bytes}
+        if latencies.size:
+            p50, p99 = np.percentile(latencies, [50, 99])
+            stats.update(p50_ms=float(p50), p99_ms=float(p99), mean_ms=float(latencies.mean()))
+        return stats
+
+    @property
+    def latencies_ms(self) -> np.ndarray:
+        return np.asarray(self._latencies_ms)
+
+    # ------------------------------------------------------------------------------------------------ asyncio
+    async def consume(
+        self, feeds: Mapping[str, asyncio.Queue], signals: asyncio.Queue | None = None
+    ) -> list[TickForecast]:
+        """Consumes one queue of bars per symbol until each yields ``None``; emits every tick to ``signals``.
+
+        The model step is short and the engine is not thread-safe, so ticks run on the event loop one at a time;
+        the loop gets control back between ticks. Returns the ticks in the order they were computed.
+        """
+        ticks: list[TickForecast] = []
+
+        async def follow(symbol: str, queue: asyncio.Queue) -> None:
+            while (bar := await queue.get()) is not None:
+                tick = self.update(symbol, bar)
+                ticks.append(tick)
+                if signals is not None:
+                    await signals.put(tick)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(follow(symbol, queue) for symbol, queue in feeds.items()))
+        return ticks
+
+
+def _parse_bar(bar) -> tuple[float, Any]:
+    if isinstance(bar, Mapping):
+        if "close" not in bar:
+            raise ValueError(f"bar mapping has no 'close' key: {sorted(bar)}")
+        price, timestamp = bar["close"], bar.get("timestamp")
+    elif hasattr(bar, "close"):
+        price, timestamp = bar.close, getattr(bar, "timestamp", None)
+    else:
+        price, timestamp = bar, None
+    try:
+        price = float(price)
+    except (TypeError, ValueError):
+        raise ValueError(f"bar close must be a number, got {price!r}") from None
+    if not (math.isfinite(price) and price > 0):
+        raise ValueError(f"bar close must be positive and finite, got {price}")
+    return price, timestamp
+
+
+__all__ = ["BOUNDED_POLICIES", "StreamingForecaster", "TickForecast"]

@@ -1,0 +1,120 @@
+"""Per-symbol sessions and the memory budget their caches share, with least-recently-used eviction.
+
+A session keeps its symbol's whole token history and, while resident, a KV cache of its current context. The
+store counts bytes with the caches' own ``nbytes()`` (and the shared prefix once, which sessions read by reference),
+so what the budget checks is what the caches hold. Evicting a session drops its cache and keeps its history, from
+which the engine re-prefills it when the symbol returns.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class Session:
+    token_ids: list[int] = field(default_factory=list)
+    last_price: float | None = None
+    last_timestamp: Any = None
+    cache: Cache | None = None
+    last_logits: torch.Tensor | None = None
+    # Index in token_ids of the first token the cache holds after the shared prefix (the policy's anchor).
+    anchor: int = 0
+
+    @property
+    def tokens_in_cache(self) -> int:
+        return 0 if self.cache is None else len(self.token_ids) - self.anchor
+
+
+class SessionStore:
+    """Sessions by symbol, least recently used first, under ``budget_bytes`` for all caches together.
+
+    Args:
+        budget_bytes: cap on the bytes of every resident cache plus the shared prefix; None for no cap.
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes must be positive, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.prefix_bytes = 0
+        self.evictions = 0
+        self.peak_cache_bytes = 0
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __contains__(self, symbol: str) -> bool:
+        return symbol in self._sessions
+
+    def __getitem__(self, symbol: str) -> Session:
+        return self._sessions[symbol]
+
+    def get(self, symbol: str) -> Session | None:
+        return self._sessions.get(symbol)
+
+    def open(self, symbol: str, session: Session | None = None) -> Session:
+        """The session of ``symbol`` (a new one when it has none), marked most recently used."""
+        if symbol not in self._sessions:
+            self._sessions[symbol] = session or Session()
+        self._sessions.move_to_end(symbol)
+        return self._sessions[symbol]
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self._sessions)
+
+    # ----------------------------------------------------------------------------------------------- bytes
+    def session_bytes(self, symbol: str) -> int:
+        session = self._sessions.get(symbol)
+        return 0 if session is None or session.cache is None else int(session.cache.nbytes())
+
+    def cache_bytes(self) -> int:
+        """Bytes of all live caches: the shared prefix once plus every resident session's own cache."""
+        return self.prefix_bytes + sum(self.session_bytes(symbol) for symbol in self._sessions)
+
+    def reserve(self, needed: int, keep: Collection[str]) -> None:
+        """Evicts least recently used sessions outside ``keep`` until a new cache of ``needed`` bytes fits."""
+        if self.budget_bytes is None:
+            return
+        if self.prefix_bytes + needed > self.budget_bytes:
+            raise ValueError(
+                f"memory_budget_bytes={self.budget_bytes} cannot hold one session ({needed} bytes) plus the "
+                f"market prefix ({self.prefix_bytes} bytes)"
+            )
+        while self.cache_bytes() + needed > self.budget_bytes:
+            if not self._evict_least_recent(keep):
+                raise ValueError(
+                    f"memory_budget_bytes={self.budget_bytes} cannot hold the {len(keep)} sessions of one batch "
+                    f"(another {needed} bytes on top of {self.cache_bytes()}): raise the budget or send fewer symbols"
+                )
+
+    def enforce(self, headroom: int, keep: Collection[str]) -> None:
+        """Keeps ``headroom`` bytes free for caches that grow, evicting sessions outside ``keep``; records the peak."""
+        if self.budget_bytes is not None:
+            while self.cache_bytes() + headroom > self.budget_bytes and self._evict_least_recent(keep):
+                pass
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+
+    def evict(self, symbol: str) -> None:
+        """Drops the cache of ``symbol``; its history stays."""
+        if symbol not in self._sessions:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        session = self._sessions[symbol]
+        if session.cache is not None:
+            session.cache = None
+            self.evictions += 1
+
+    def _evict_least_recent(self, keep: Collection[str]) -> bool:
+        for symbol, session in self._sessions.items():
+            if symbol not in keep and session.cache is not None:
+                self.evict(symbol)
+                return True
+        return False
+
+
+__all__ = ["Session", "SessionStore"]
