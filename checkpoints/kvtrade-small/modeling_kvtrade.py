@@ -9,8 +9,6 @@ from transformers.models.mistral.modeling_mistral import (
     MistralForCausalLM,
     MistralModel,
     MistralPreTrainedModel,
-    MistralRotaryEmbedding as KVTradeRotaryEmbedding,  # noqa: F401 -- cache.py's sink cache re-rotates keys with
-    rotate_half,  # noqa: F401 -- these two until it imports them from Mistral itself
 )
 
 from .configuration_kvtrade import KVTradeConfig
