@@ -84,6 +84,15 @@ def skewed_distribution():
     return BinnedDistribution(probs, tokenizer.bin_edges)
 
 
+def test_quantiles_and_prob_up_by_hand():
+    # 40% on [-2%, -1%], 40% on [-1%, 0], 20% on [0, 1%], spread uniformly inside each bin.
+    distribution = BinnedDistribution([0.4, 0.4, 0.2, 0.0], [-0.02, -0.01, 0.0, 0.01, 0.02])
+    # 10% is a quarter into the first bin, 50% a quarter into the second, 90% half-way into the third.
+    np.testing.assert_allclose(distribution.quantile([0.1, 0.5, 0.9]), [-0.0175, -0.0075, 0.005])
+    assert distribution.prob_up() == pytest.approx(0.2)
+    assert distribution.cdf(-0.015) == pytest.approx(0.2)
+
+
 def test_quantile_inverts_the_cdf(skewed_distribution):
     levels = np.array([0.01, 0.2, 0.5, 0.8, 0.99])
     quantiles = skewed_distribution.quantile(levels)
