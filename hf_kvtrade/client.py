@@ -4,8 +4,8 @@
 Both return the Transformers `Forecaster`'s `Forecast`, from the same tokens: prompts follow the checkpoint's
 `ContextPolicy`, and the engine's ``max_model_len`` is the policy's window. Horizon 1 reads the whole next-bar distribution from the
 logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
-exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampling
-as `PathSampling` says, as `Forecaster.sample_paths` does.
+exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampled
+as `PathSampling` says for every backend.
 """
 
 from __future__ import annotations
