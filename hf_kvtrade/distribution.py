@@ -181,32 +181,16 @@ class PathSampling:
         return cls(horizon, num_samples, tokenizer.first_bin_id, tokenizer.vocab_size, seed)
 
     def generate_kwargs(self) -> dict:
-        """Arguments of Transformers' ``generate`` (its default ``top_k`` would cut the distribution to 50 bins).
-
-        ``generate`` draws from torch's global generator, so ``seed`` is the caller's to apply.
-        """
-        return dict(
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            min_new_tokens=self.horizon,
-            max_new_tokens=self.horizon,
-            suppress_tokens=list(range(self.first_bin_id)),
-        )
+        """Arguments of Transformers' ``generate`` (whose default ``top_k`` would cut the distribution to 50 bins).
+        It draws from torch's global generator, so ``seed`` is the caller's to apply."""
+        return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_new_tokens=self.horizon,
+                    max_new_tokens=self.horizon, suppress_tokens=list(range(self.first_bin_id)))  # fmt: skip
 
     def vllm_kwargs(self) -> dict:
         """Fields of vLLM's ``SamplingParams``; its OpenAI-compatible ``/v1/completions`` takes the same names."""
-        return dict(
-            n=self.num_samples,
-            seed=self.seed,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=-1,
-            min_tokens=self.horizon,
-            max_tokens=self.horizon,
-            allowed_token_ids=list(range(self.first_bin_id, self.vocab_size)),
-        )
+        return dict(n=self.num_samples, seed=self.seed, temperature=1.0, top_p=1.0, top_k=-1,
+                    min_tokens=self.horizon, max_tokens=self.horizon,
+                    allowed_token_ids=list(range(self.first_bin_id, self.vocab_size)))  # fmt: skip
 
 
 def _strictly_increasing(cumulative: np.ndarray) -> np.ndarray:

@@ -106,18 +106,10 @@ def make_trainer(model, output_dir: str, train_dataset, *, max_steps: int, learn
             model.config.use_cache = True
 
     training_arguments = TrainingArguments(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=learning_rate,
-        max_grad_norm=1.0,
-        seed=seed,
-        use_cpu=use_cpu,
-        report_to="none",
-        disable_tqdm=True,
-        **arguments,
-    )
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=1.0, seed=seed,
+        use_cpu=use_cpu, report_to="none", disable_tqdm=True, **arguments,
+    )  # fmt: skip
     return Trainer(model=model, args=training_arguments, train_dataset=train_dataset, eval_dataset=eval_dataset,
                    data_collator=default_data_collator, callbacks=[RestoreCache()])  # fmt: skip
 
