@@ -4,8 +4,8 @@
 Both return the Transformers `Forecaster`'s `Forecast`, from the same tokens: prompts follow the checkpoint's
 `ContextPolicy`, and the engine's ``max_model_len`` is the policy's window. Horizon 1 reads the whole next-bar distribution from the
 logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
-exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampling
-from the full distribution over return bins only, as `Forecaster.sample_paths` does.
+exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampled
+as `PathSampling` says for every backend.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .context import ContextPolicy
-from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast
+from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast, PathSampling
 from .tokenization_kvtrade import ReturnTokenizer
 
 
@@ -50,8 +50,6 @@ class _VLLMForecasting(ABC):
             raise ValueError("series is empty: pass at least one price series")
         if horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {horizon}")
-        if horizon > 1 and num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         series = [np.asarray(prices, dtype=np.float64) for prices in series]
         prompts = [self.encode_context(prices, horizon) for prices in series]
         last_prices = [float(prices[-1]) for prices in series]
@@ -76,11 +74,6 @@ class _VLLMForecasting(ABC):
                 f"{where} runs with max_model_len {max_model_len}, but the checkpoint's context policy has a "
                 f"{self.context_policy.window}-token window: serve it with `kvtrade serve`, which sets it"
             )
-
-    @property
-    def return_bin_ids(self) -> list[int]:
-        """Sampled paths use return bins only, as `Forecaster.sample_paths` suppresses the special tokens."""
-        return list(range(self.tokenizer.first_bin_id, self.tokenizer.vocab_size))
 
     def _token_probs(self, logprobs_by_id: dict[int, float]) -> np.ndarray:
         probs = np.zeros(self.tokenizer.vocab_size)
@@ -148,15 +141,8 @@ class ForecastClient(_VLLMForecasting):
         )
 
     def sample_paths(self, prompts, horizon, num_samples, seed):
-        response = self.complete(
-            prompts,
-            max_tokens=horizon,
-            n=num_samples,
-            temperature=1.0,
-            top_p=1.0,
-            seed=seed,
-            extra_body={"min_tokens": horizon, "top_k": -1, "allowed_token_ids": self.return_bin_ids},
-        )
+        sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
+        response = self.complete(prompts, extra_body=sampling.vllm_kwargs())
         # Choices of prompt i are indices i * n .. i * n + n - 1.
         choices = sorted(response.choices, key=lambda choice: choice.index)
         ids = np.array([choice.token_ids for choice in choices], dtype=np.int64)
@@ -205,17 +191,8 @@ class OfflineForecaster(_VLLMForecasting):
     def sample_paths(self, prompts, horizon, num_samples, seed):
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=num_samples,
-            max_tokens=horizon,
-            min_tokens=horizon,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=-1,
-            seed=seed,
-            allowed_token_ids=self.return_bin_ids,
-        )
-        outputs = self.generate(prompts, params)
+        sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
+        outputs = self.generate(prompts, SamplingParams(**sampling.vllm_kwargs()))
         return np.array(
             [[sample.token_ids for sample in output.outputs] for output in outputs], dtype=np.int64
         )

@@ -49,7 +49,6 @@ def mean_pool_kv_heads(model: KVTradeForCausalLM, num_key_value_heads: int) -> K
     return converted.eval()
 
 
-
 def uptrain(
     model: KVTradeForCausalLM,
     tokenizer,
@@ -67,10 +66,10 @@ def uptrain(
     """
     import tempfile
 
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import set_seed
 
     from .context import ContextPolicy
-    from .training import trainer_windows
+    from .training import make_trainer, trainer_windows
 
     if max_steps < 1:
         raise ValueError(f"uptraining needs at least one step, got {max_steps}")
@@ -78,25 +77,12 @@ def uptrain(
     windows = trainer_windows(frames, tokenizer, ContextPolicy.from_config(model.config))["train"]
     model.train()
     with tempfile.TemporaryDirectory(prefix="kvtrade-uptrain-") as scratch:
-        arguments = TrainingArguments(
-            output_dir=scratch,
-            max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=0.1,
-            max_grad_norm=1.0,
-            save_strategy="no",
-            logging_steps=max(max_steps // 10, 1),
-            seed=seed,
-            use_cpu=model.device.type == "cpu",
-            report_to="none",
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=arguments, train_dataset=windows, data_collator=default_data_collator)
+        trainer = make_trainer(
+            model, scratch, windows, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+            seed=seed, use_cpu=model.device.type == "cpu", lr_scheduler_type="constant_with_warmup", warmup_steps=0.1,
+            save_strategy="no", logging_steps=max(max_steps // 10, 1),
+        )  # fmt: skip
         trainer.train()
-    # The Trainer switches the cache off for training; inference and vLLM want it on.
-    model.config.use_cache = True
     model.eval()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -113,40 +99,34 @@ def convert_checkpoint(
 
     Returns the test-period next-bar NLL (nats per bar, ``hf_kvtrade.evaluation``) of the source, of the pooled
     model before uptraining and, when ``uptrain_steps > 0``, after it, pooled over every series of ``frames``.
+    The baselines do not change with the model, so they are fitted and scored once.
     """
-    from .evaluation import evaluate
+    from .evaluation import evaluate, pooled_model_nll, tokenized_series
     from .forecasting import Forecaster
 
     source_forecaster = Forecaster.from_pretrained(source)
     check_kv_heads(source_forecaster.model.config, num_key_value_heads)
     tokenizer = source_forecaster.tokenizer
-
-    def test_nll(model) -> dict:
-        results = evaluate(frames, model, tokenizer)
-        return {"nll": results["models"]["kvtrade"]["nll"], "num_bars": results["num_bars"], "models": results["models"]}
-
-    source_heads = source_forecaster.model.config.num_key_value_heads
-    source_scores = test_nll(source_forecaster.model)
+    baselines = evaluate(frames)
+    series = tokenized_series(frames, tokenizer)
     report = {
         "source": str(source),
         "destination": str(destination),
-        "source_kv_heads": source_heads,
+        "source_kv_heads": source_forecaster.model.config.num_key_value_heads,
         "kv_heads": num_key_value_heads,
         "num_attention_heads": source_forecaster.model.config.num_attention_heads,
         "context_policy": vars(source_forecaster.context_policy),
         "series": sorted(frames),
-        "num_test_bars": source_scores["num_bars"],
-        "baseline_nll": {
-            name: metrics["nll"] for name, metrics in source_scores["models"].items() if name != "kvtrade"
-        },
-        "nll": {"source": source_scores["nll"]},
+        "num_test_bars": baselines["num_bars"],
+        "baseline_nll": {name: metrics["nll"] for name, metrics in baselines["models"].items()},
+        "nll": {"source": pooled_model_nll(series, source_forecaster.model, tokenizer)},
     }
     converted = mean_pool_kv_heads(source_forecaster.model, num_key_value_heads)
-    report["nll"]["converted"] = test_nll(converted)["nll"]
+    report["nll"]["converted"] = pooled_model_nll(series, converted, tokenizer)
     if uptrain_steps:
         report["uptrain_steps"] = uptrain_steps
         report["uptrain_log"] = uptrain(converted, tokenizer, frames, uptrain_steps, **uptrain_kwargs)
-        report["nll"]["uptrained"] = test_nll(converted)["nll"]
+        report["nll"]["uptrained"] = pooled_model_nll(series, converted, tokenizer)
     Forecaster(converted, tokenizer).save_pretrained(destination)
     return report
 

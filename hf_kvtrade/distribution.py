@@ -2,8 +2,8 @@
 
 Probability mass is spread uniformly inside each bin, so the density is piecewise constant, the CDF piecewise
 linear and quantiles exact inverses of it. This is the single place where token probabilities become densities,
-quantiles, CRPS and samples; the Transformers forecaster, the streaming engine, the vLLM client and the
-evaluation all use it.
+quantiles and CRPS, and where the settings for sampling paths are defined; the Transformers forecaster, the
+streaming engine, the vLLM client and the evaluation all use it.
 """
 
 from __future__ import annotations
@@ -94,13 +94,6 @@ class BinnedDistribution:
         total += np.maximum(self.edges[0] - x, 0.0) + np.maximum(x - self.edges[-1], 0.0)
         return total
 
-    def sample(self, size: int, rng: np.random.Generator) -> np.ndarray:
-        """Draws ``size`` log-returns per distribution, uniform inside the chosen bin."""
-        flat = self.probs.reshape(-1, self.probs.shape[-1])
-        draws = np.stack([rng.choice(flat.shape[-1], size=size, p=row) for row in flat])
-        values = self.edges[draws] + rng.random(draws.shape) * self.widths[draws]
-        return values.reshape(self.probs.shape[:-1] + (size,))
-
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -164,6 +157,40 @@ class Forecast:
             mean_return=cumulative.mean(axis=0),
             paths=paths,
         )
+
+
+@dataclass(frozen=True)
+class PathSampling:
+    """How every backend samples forecast paths: ``num_samples`` continuations of exactly ``horizon`` tokens, each
+    drawn from the model's full predictive distribution (temperature 1, no top-k or nucleus cut) over the return
+    bins only, so that every sampled step is a return. Each method spells this in one backend's arguments.
+    """
+
+    horizon: int
+    num_samples: int
+    first_bin_id: int
+    vocab_size: int
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, horizon: int, num_samples: int, seed: int | None = None) -> "PathSampling":
+        return cls(horizon, num_samples, tokenizer.first_bin_id, tokenizer.vocab_size, seed)
+
+    def generate_kwargs(self) -> dict:
+        """Arguments of Transformers' ``generate`` (whose default ``top_k`` would cut the distribution to 50 bins).
+        It draws from torch's global generator, so ``seed`` is the caller's to apply."""
+        return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_new_tokens=self.horizon,
+                    max_new_tokens=self.horizon, suppress_tokens=list(range(self.first_bin_id)))  # fmt: skip
+
+    def vllm_kwargs(self) -> dict:
+        """Fields of vLLM's ``SamplingParams``; its OpenAI-compatible ``/v1/completions`` takes the same names."""
+        return dict(n=self.num_samples, seed=self.seed, temperature=1.0, top_p=1.0, top_k=-1,
+                    min_tokens=self.horizon, max_tokens=self.horizon,
+                    allowed_token_ids=list(range(self.first_bin_id, self.vocab_size)))  # fmt: skip
 
 
 def _strictly_increasing(cumulative: np.ndarray) -> np.ndarray:

@@ -257,6 +257,22 @@ def check_targets(results: dict, model_name: str = "kvtrade") -> dict:
     }
 
 
+def tokenized_series(frames: dict[str, pd.DataFrame], tokenizer) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """``(ids, returns, test_start)`` of every series: its tokens and :func:`returns_and_test_start`'s answer."""
+    return [(tokenize_period(frame, tokenizer), *returns_and_test_start(frame)) for frame in frames.values()]
+
+
+def pooled_model_nll(series, model, tokenizer, policy: ContextPolicy | None = None) -> float:
+    """The model's test-period NLL pooled over every bar of ``series`` (from :func:`tokenized_series`) under
+    ``policy``; with the checkpoint's own policy (the default) it is :func:`evaluate`'s ``kvtrade`` NLL."""
+    policy = policy or ContextPolicy.from_config(model.config)
+    values = [
+        -model_forecast(model, tokenizer, ids, test_start + 1, policy).log_density(returns[test_start:])
+        for ids, returns, test_start in series
+    ]
+    return float(np.mean(np.concatenate(values)))
+
+
 def context_length_curve(frames: dict[str, pd.DataFrame], model, tokenizer, lengths) -> dict[int, float]:
     """Pooled test-period NLL of the model under a policy window of each length in ``lengths`` (stride half of it).
 
@@ -266,16 +282,11 @@ def context_length_curve(frames: dict[str, pd.DataFrame], model, tokenizer, leng
     window = ContextPolicy.from_config(model.config).window
     if any(length > window or length < 4 for length in lengths):
         raise ValueError(f"context lengths must lie in [4, {window}] (the checkpoint's window), got {list(lengths)}")
-    series = [(tokenize_period(frame, tokenizer), *returns_and_test_start(frame)) for frame in frames.values()]
-    nll = {}
-    for length in lengths:
-        policy = ContextPolicy(window=length, stride=length // 2)
-        values = [
-            -model_forecast(model, tokenizer, ids, test_start + 1, policy).log_density(returns[test_start:])
-            for ids, returns, test_start in series
-        ]
-        nll[length] = float(np.mean(np.concatenate(values)))
-    return nll
+    series = tokenized_series(frames, tokenizer)
+    return {
+        length: pooled_model_nll(series, model, tokenizer, ContextPolicy(window=length, stride=length // 2))
+        for length in lengths
+    }
 
 
 def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str] | None = None) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from .context import ContextPolicy
-from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast
+from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast, PathSampling
 from .modeling_kvtrade import KVTradeForCausalLM
 from .checkpoint import load_checkpoint
 from .tokenization_kvtrade import ReturnTokenizer
@@ -75,21 +75,21 @@ class Forecaster:
         if horizon == 1:
             distribution = BinnedDistribution.from_token_probs(self.next_token_probs(input_ids)[0], self.tokenizer)
             return Forecast.from_distribution(distribution, last_price, quantiles)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        if seed is not None:
-            torch.manual_seed(seed)
-        paths = self.sample_paths(input_ids, horizon, num_samples)
+        paths = self.sample_paths(input_ids, horizon, num_samples, seed)
         return Forecast.from_paths(self.tokenizer.decode(paths), last_price, quantiles)
 
     @torch.inference_mode()
-    def sample_paths(self, input_ids: torch.Tensor, horizon: int, num_samples: int) -> np.ndarray:
-        """Token ids of ``num_samples`` sampled continuations, shape ``(num_samples, horizon)``.
+    def sample_paths(
+        self, input_ids: torch.Tensor, horizon: int, num_samples: int, seed: int | None = None
+    ) -> np.ndarray:
+        """Token ids of ``num_samples`` continuations sampled as `PathSampling` says, shape ``(num_samples, horizon)``.
 
         The history is prefilled once and its cache repeated for every path (``num_return_sequences`` would
-        prefill it once per path). ``top_k=0`` samples the full predictive distribution (generate's default
-        would cut it to 50 bins); the special tokens are suppressed so every sampled step is a return.
+        prefill it once per path).
         """
+        sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         cache = DynamicCache(config=self.model.config)
         if input_ids.shape[1] > 1:
             self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
@@ -99,14 +99,8 @@ class Forecaster:
             input_ids=batch_ids,
             attention_mask=torch.ones_like(batch_ids),
             past_key_values=cache,
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            max_new_tokens=horizon,
-            min_new_tokens=horizon,
-            suppress_tokens=list(range(self.tokenizer.first_bin_id)),
             pad_token_id=self.tokenizer.pad_token_id,
+            **sampling.generate_kwargs(),
         )
         return output[:, input_ids.shape[1] :].cpu().numpy()
 

@@ -20,6 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def _check_costs(transaction_cost: float, cost_multiple: float) -> None:
+    if not (math.isfinite(transaction_cost) and transaction_cost >= 0):
+        raise ValueError(f"transaction_cost must be a finite fraction >= 0, got {transaction_cost}")
+    if not (math.isfinite(cost_multiple) and cost_multiple >= 0):
+        raise ValueError(f"cost_multiple must be finite and >= 0, got {cost_multiple}")
+
+
 class Signal(enum.IntEnum):
     """The value is the target position in units of equity (short = -1, flat = 0, long = +1)."""
 
@@ -48,10 +55,7 @@ class SignalRule:
     def __post_init__(self):
         if not 0.5 <= self.prob_threshold < 1.0:
             raise ValueError(f"prob_threshold must lie in [0.5, 1), got {self.prob_threshold}")
-        if not (np.isfinite(self.transaction_cost) and self.transaction_cost >= 0):
-            raise ValueError(f"transaction_cost must be a finite fraction >= 0, got {self.transaction_cost}")
-        if not (np.isfinite(self.cost_multiple) and self.cost_multiple >= 0):
-            raise ValueError(f"cost_multiple must be finite and >= 0, got {self.cost_multiple}")
+        _check_costs(self.transaction_cost, self.cost_multiple)
 
     @property
     def min_edge(self) -> float:
@@ -118,10 +122,7 @@ class VolTargetRule:
             raise ValueError(f"target_vol must be a positive per-bar std, got {self.target_vol}")
         if not (math.isfinite(self.max_leverage) and self.max_leverage > 0):
             raise ValueError(f"max_leverage must be finite and > 0, got {self.max_leverage}")
-        if not (math.isfinite(self.transaction_cost) and self.transaction_cost >= 0):
-            raise ValueError(f"transaction_cost must be a finite fraction >= 0, got {self.transaction_cost}")
-        if not (math.isfinite(self.cost_multiple) and self.cost_multiple >= 0):
-            raise ValueError(f"cost_multiple must be finite and >= 0, got {self.cost_multiple}")
+        _check_costs(self.transaction_cost, self.cost_multiple)
         if not 0 <= self.min_prob_edge < 0.5:
             raise ValueError(f"min_prob_edge must lie in [0, 0.5), got {self.min_prob_edge}")
         if self.fallback not in ("long", "flat"):

@@ -91,36 +91,27 @@ def synthetic_windows(stage: SyntheticStage, tokenizer: ReturnTokenizer, policy:
     ).with_format("torch")
 
 
-def _training_arguments(scratch: str, max_steps: int, learning_rate: float, batch_size: int, weight_decay: float,
-                        warmup: float, eval_steps: int, seed: int, logging_steps: int, use_cpu: bool):  # fmt: skip
-    from transformers import TrainingArguments
+def make_trainer(model, output_dir: str, train_dataset, *, max_steps: int, learning_rate: float, batch_size: int,
+                 seed: int, use_cpu: bool, eval_dataset=None, **arguments):  # fmt: skip
+    """The project's one ``Trainer`` set-up: the model's own loss on ``input_ids``/``labels`` batches, clipped
+    gradients, no logging integrations or progress bars; ``arguments`` are the caller's further `TrainingArguments`.
 
-    return TrainingArguments(
-        output_dir=scratch,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=warmup,
-        weight_decay=weight_decay,
-        max_grad_norm=1.0,
-        eval_strategy="steps",
-        eval_steps=eval_steps,
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=1,
-        save_only_model=True,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        logging_steps=logging_steps,
-        seed=seed,
-        data_seed=seed,
-        use_cpu=use_cpu,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    The Trainer switches the model's cache off for training; inference and vLLM want it on, so it is switched back
+    when training ends.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    class RestoreCache(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            model.config.use_cache = True
+
+    training_arguments = TrainingArguments(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=1.0, seed=seed,
+        use_cpu=use_cpu, report_to="none", disable_tqdm=True, **arguments,
+    )  # fmt: skip
+    return Trainer(model=model, args=training_arguments, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                   data_collator=default_data_collator, callbacks=[RestoreCache()])  # fmt: skip
 
 
 def train(
@@ -150,7 +141,7 @@ def train(
     model.
     """
     import torch
-    from transformers import Trainer, default_data_collator, set_seed
+    from transformers import set_seed
 
     from .forecasting import Forecaster
     from .modeling_kvtrade import KVTradeForCausalLM
@@ -162,31 +153,31 @@ def train(
     policy = ContextPolicy(window=window_length, stride=context_stride or window_length // 2)
     windows = trainer_windows(frames, tokenizer, policy)
     model = KVTradeForCausalLM(config)
-    settings = dict(batch_size=batch_size, weight_decay=weight_decay, warmup=warmup, eval_steps=eval_steps, seed=seed,
-                    logging_steps=logging_steps, use_cpu=use_cpu)  # fmt: skip
     log_history = []
     synthetic_validation_loss = None
     started, started_cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
+
+        def stage_trainer(stage: str, train_dataset, stage_steps: int, stage_learning_rate: float):
+            """A cosine schedule, validated every ``eval_steps`` steps, ending on the best validation loss."""
+            return make_trainer(
+                model, os.path.join(scratch, stage), train_dataset, eval_dataset=windows["validation"],
+                max_steps=stage_steps, learning_rate=stage_learning_rate, batch_size=batch_size, seed=seed,
+                use_cpu=use_cpu, data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup,
+                weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
+                save_steps=eval_steps, save_total_limit=1, save_only_model=True, load_best_model_at_end=True,
+                metric_for_best_model="eval_loss", logging_steps=logging_steps,
+            )  # fmt: skip
+
         if synthetic is not None and synthetic.max_steps > 0:
-            pretrainer = Trainer(
-                model=model,
-                args=_training_arguments(os.path.join(scratch, "synthetic"), synthetic.max_steps, synthetic.learning_rate, **settings),
-                train_dataset=synthetic_windows(synthetic, tokenizer, policy),
-                eval_dataset=windows["validation"],
-                data_collator=default_data_collator,
+            pretrainer = stage_trainer(
+                "synthetic", synthetic_windows(synthetic, tokenizer, policy), synthetic.max_steps, synthetic.learning_rate
             )
             initial_loss = pretrainer.evaluate()["eval_loss"]
             pretrainer.train()
             model, synthetic_validation_loss = pretrainer.model, float(pretrainer.state.best_metric)
             log_history = [{**entry, "stage": "synthetic"} for entry in pretrainer.state.log_history]
-        trainer = Trainer(
-            model=model,
-            args=_training_arguments(os.path.join(scratch, "real"), max_steps, learning_rate, **settings),
-            train_dataset=windows["train"],
-            eval_dataset=windows["validation"],
-            data_collator=default_data_collator,
-        )
+        trainer = stage_trainer("real", windows["train"], max_steps, learning_rate)
         if synthetic_validation_loss is None:
             initial_loss = trainer.evaluate()["eval_loss"]
         trainer.train()
@@ -195,8 +186,6 @@ def train(
         log_history += [{**entry, "stage": "real"} for entry in trainer.state.log_history]
 
     model = trainer.model
-    # The Trainer switches the cache off for training; inference and vLLM want it on.
-    model.config.use_cache = True
     # The context policy travels with the weights: every path that reads the checkpoint conditions on it.
     model.config.training_context_length = policy.window
     model.config.context_stride = policy.stride

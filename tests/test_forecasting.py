@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from hf_kvtrade import BinnedDistribution, Forecaster, ReturnTokenizer
+from hf_kvtrade import BinnedDistribution, Forecast, Forecaster, ReturnTokenizer
 
 
 @pytest.fixture
@@ -18,8 +18,7 @@ def test_horizon_one_is_the_softmax_of_the_model_logits(forecaster, random_walk_
         probs = torch.softmax(forecaster.model(input_ids).logits[0, -1], -1).numpy()
     bins = probs[forecaster.tokenizer.first_bin_id :]
     np.testing.assert_allclose(forecast.distribution.probs, bins / bins.sum(), rtol=1e-5, atol=1e-9)
-    assert forecast.distribution.probs.sum() == pytest.approx(1.0)
-    assert forecast.prob_up[0] + forecast.prob_down[0] == pytest.approx(1.0)
+    # The grid is symmetric with a bin edge at zero: "up" is the mass of the upper half of the bins.
     up_mass = bins[forecaster.tokenizer.num_bins // 2 :].sum() / bins.sum()
     assert forecast.prob_up[0] == pytest.approx(up_mass, rel=1e-6)
 
@@ -38,9 +37,18 @@ def test_quantiles_are_monotone_in_returns_and_prices(forecaster, random_walk_pr
 def test_sampled_paths_are_returns_with_the_requested_shape(forecaster, random_walk_prices):
     forecast = forecaster.predict(random_walk_prices, horizon=6, num_samples=32, seed=3)
     assert forecast.paths.shape == (32, 6)
-    assert np.all(np.isfinite(forecast.paths))
-    assert forecast.price_paths[:, 0] == pytest.approx(forecast.last_price * np.exp(forecast.paths[:, 0]))
-    np.testing.assert_allclose(forecast.prob_up, (np.cumsum(forecast.paths, 1) > 0).mean(0))
+    # Every step is a return bin (a special token would decode to NaN).
+    assert np.all(np.isin(forecast.paths, forecaster.tokenizer.bin_centers))
+
+
+def test_path_summary_by_hand():
+    paths = np.log([[1.02, 0.97], [0.99, 1.02], [1.01, 1.01], [0.98, 0.99]])
+    forecast = Forecast.from_paths(paths, last_price=50.0, quantiles=(0.5,))
+    # Prices after two bars: 50 * 1.02 * 0.97 = 49.47, 50.49, 51.005, 48.51; two of four end above 50.
+    np.testing.assert_allclose(forecast.price_paths[:, 1], [49.47, 50.49, 51.005, 48.51])
+    np.testing.assert_allclose(forecast.prob_up, [0.5, 0.5])
+    # The median of the four two-bar log-returns lies halfway between the middle two, log(0.9894) and log(1.0098).
+    assert forecast.price_quantiles[1, 0] == pytest.approx(50 * np.sqrt(0.9894 * 1.0098))
 
 
 def test_seeded_sampling_is_reproducible(forecaster, random_walk_prices):
@@ -75,6 +83,15 @@ def skewed_distribution():
     return BinnedDistribution(probs, tokenizer.bin_edges)
 
 
+def test_quantiles_and_prob_up_by_hand():
+    # 40% on [-2%, -1%], 40% on [-1%, 0], 20% on [0, 1%], spread uniformly inside each bin.
+    distribution = BinnedDistribution([0.4, 0.4, 0.2, 0.0], [-0.02, -0.01, 0.0, 0.01, 0.02])
+    # 10% is a quarter into the first bin, 50% a quarter into the second, 90% half-way into the third.
+    np.testing.assert_allclose(distribution.quantile([0.1, 0.5, 0.9]), [-0.0175, -0.0075, 0.005])
+    assert distribution.prob_up() == pytest.approx(0.2)
+    assert distribution.cdf(-0.015) == pytest.approx(0.2)
+
+
 def test_quantile_inverts_the_cdf(skewed_distribution):
     levels = np.array([0.01, 0.2, 0.5, 0.8, 0.99])
     quantiles = skewed_distribution.quantile(levels)
@@ -95,18 +112,27 @@ def test_density_integrates_to_one_and_crps_matches_numeric_integral(skewed_dist
         assert row.crps(observation) == pytest.approx(numeric, rel=1e-3, abs=1e-7)
 
 
-def test_mean_std_and_samples_agree(skewed_distribution):
+def test_mean_and_std_match_numeric_moments_of_the_density(skewed_distribution):
     row = BinnedDistribution(skewed_distribution.probs[1], skewed_distribution.edges)
-    samples = row.sample(200_000, np.random.default_rng(0))
-    assert samples.mean() == pytest.approx(row.mean(), abs=4 * row.std() / np.sqrt(len(samples)))
-    assert samples.std() == pytest.approx(row.std(), rel=0.01)
+
+    def moment(power):
+        integrand = lambda x: x**power * np.exp(row.log_density(x))  # noqa: E731
+        return integrate.quad(integrand, row.edges[0], row.edges[-1], points=row.edges[1:-1], limit=500)[0]
+
+    assert row.mean() == pytest.approx(moment(1), rel=1e-6, abs=1e-12)
+    assert row.std() == pytest.approx(np.sqrt(moment(2) - moment(1) ** 2), rel=1e-6)
 
 
 def test_first_sampled_step_follows_the_exact_next_bar_distribution(forecaster, random_walk_prices):
     levels = np.linspace(0.05, 0.95, 19)
-    exact_quantiles = forecaster.predict(random_walk_prices).distribution.quantile(levels)
-    first_steps = forecaster.predict(random_walk_prices, horizon=2, num_samples=3000, seed=0).paths[:, 0]
+    exact = forecaster.predict(random_walk_prices)
+    exact_quantiles = exact.distribution.quantile(levels)
+    sampled = forecaster.predict(random_walk_prices, horizon=2, num_samples=3000, seed=0)
+    first_steps = sampled.paths[:, 0]
     observed = (first_steps[:, None] <= exact_quantiles[None, :]).mean(axis=0)
     # Samples are bin centres, so each level may also be off by the mass of one bin (< 0.01 here).
     tolerance = 5 * np.sqrt(levels * (1 - levels) / len(first_steps)) + 0.01
     assert np.all(np.abs(observed - levels) <= tolerance)
+    # Zero is a bin edge, so the share of sampled first steps above it estimates the exact P(up) without that error.
+    binomial_error = np.sqrt(exact.prob_up[0] * (1 - exact.prob_up[0]) / len(first_steps))
+    assert sampled.prob_up[0] == pytest.approx(exact.prob_up[0], abs=5 * binomial_error)

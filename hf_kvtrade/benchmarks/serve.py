@@ -550,13 +550,12 @@ def _rounds(prices, rounds: int) -> list:
 
 def vllm_request(client, prompt: list[int], kind: str, args) -> dict:
     """The `/v1/completions` body `ForecastClient.next_token_probs` / `.sample_paths` send for one prompt."""
+    from ..distribution import PathSampling
+
     body = {"model": client.model, "prompt": [prompt], "return_token_ids": True, "return_tokens_as_token_ids": True}
     if kind == "h1":
         return {**body, "max_tokens": 1, "logprobs": client.tokenizer.vocab_size}
-    return {
-        **body, "max_tokens": args.steps, "min_tokens": args.steps, "n": args.paths, "temperature": 1.0,
-        "top_p": 1.0, "top_k": -1, "allowed_token_ids": client.return_bin_ids,
-    }  # fmt: skip
+    return {**body, **PathSampling.for_tokenizer(client.tokenizer, args.steps, args.paths).vllm_kwargs()}
 
 
 def _naive_load(args, checkpoint: Path, serialize: bool) -> dict:

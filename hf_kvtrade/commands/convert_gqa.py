@@ -25,12 +25,11 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..conversion import convert_checkpoint
-    from ..data import bundled_series_names, load_series
+    from .train import select_frames
 
     if not Path(args.source).is_dir():
         raise SystemExit(f"SRC {args.source!r} is not a checkpoint folder")
-    names = bundled_series_names() if args.series == "all" else args.series.split(",")
-    frames = {name: load_series(name) for name in names}
+    frames, _ = select_frames(args.series, [])
     report = convert_checkpoint(
         args.source,
         args.destination,
