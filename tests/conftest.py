@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from hf_kvtrade import KVTradeForCausalLM
 from hf_kvtrade.presets import load_preset
+
+# Property tests check behaviour, not speed: a loaded 2-core CI machine must not fail them on a per-example deadline.
+settings.register_profile("kvtrade", deadline=None)
+settings.load_profile("kvtrade")
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """What a user gets from `pip install` (not `-e`): the shipped model and presets as package data, loaded through
 importlib.resources, and a checkpoint folder whose remote code is the package's own."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -63,13 +64,15 @@ def test_wheel_installed_without_editable_forecasts_from_another_directory(tmp_p
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # A PYTHONPATH pointing at a checkout would shadow the wheel under test.
+    environ = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     located = subprocess.run(
         [python, "-c", "import hf_kvtrade.checkpoint as c, hf_kvtrade.presets as p; print(c.SHIPPED_CHECKPOINT); print(p.available_presets())"],
-        check=True, capture_output=True, text=True, cwd=elsewhere,
+        check=True, capture_output=True, text=True, cwd=elsewhere, env=environ,
     ).stdout  # fmt: skip
     assert located.startswith(purelib) and "['base', 'small', 'tiny']" in located
     result = subprocess.run(
-        [environment / "bin" / "kvtrade", "forecast", "--horizon", "1"], capture_output=True, text=True, cwd=elsewhere
+        [environment / "bin" / "kvtrade", "forecast", "--horizon", "1"], capture_output=True, text=True, cwd=elsewhere, env=environ
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "t+1: P(up)=" in result.stdout
