@@ -5,30 +5,33 @@ by side in one process: the book and tick features alone (``TickClock``), the an
 the analyzer with the full-precision cache. Reported per run: events/s and ticks/s over the whole replay, the p50
 and p99 latency of a tick's forecast (tokenize, one forward of the tick's tokens, the move distribution), the
 cache bytes at the end, and the largest difference of a move probability between the int8 and full caches.
-Headroom is the int8 analyzer's sustained events/s over the capture's busiest second of live events; the target
-is 10x.
+Headroom is the int8 analyzer's sustained events/s (wall clock) over the capture's busiest second of live events
+(1,012); the target is 10x. The same ratio on the process's CPU time is printed beside it: on a shared machine the
+wall clock also counts the time spent waiting for a core.
 """
 
 from __future__ import annotations
 
 TARGET_HEADROOM = 10.0
+QUICK_EVENTS = 60_000
 
 
 def add_arguments(parser) -> None:
-    from ..checkpoint import SHIPPED_CHECKPOINT
-
     parser.add_argument("--json", default="out/bench/orderbook.json", help="where to write the results (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT.parent / "kvtrade-orderbook"), help="order-book model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
     parser.add_argument("--limit-events", type=int, help="replay only the first N order events (default: all)")
+    parser.add_argument("--quick", action="store_true", help=f"replay the first {QUICK_EVENTS:,} order events")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
 
 
-def _peak_events_per_second(orders) -> int:
+def _peak_events_per_second(orders, meta: dict) -> int:
+    """The busiest exchange second of the live feed: the snapshot's creates and the recorder's closing deletes of
+    every resting order (``meta["synthetic_deleted"]`` rows, all at the last millisecond) are not traffic."""
     import numpy as np
 
     from ..orderbook.features import snapshot_rows
 
-    live = orders["exchange_timestamp"].to_numpy()[snapshot_rows(orders) :]
+    live = orders["exchange_timestamp"].to_numpy()[snapshot_rows(orders) : len(orders) - meta["synthetic_deleted"]]
     return int(np.unique(live // 1000, return_counts=True)[1].max())
 
 
@@ -53,19 +56,21 @@ def run(args) -> int:
     import torch
 
     from ..orderbook.analyzer import StreamingOrderBookAnalyzer
-    from ..orderbook.capture import load_orders, load_trades
-    from ..orderbook.training import load_orderbook_model
+    from ..orderbook.capture import load_meta, load_orders, load_trades
+    from ..orderbook.training import SHIPPED_ORDERBOOK_CHECKPOINT, load_orderbook_model
     from ._common import machine_info, percentile_ms, write_json
 
     torch.set_num_threads(args.threads)
+    args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
     orders, trades = load_orders(), load_trades()
-    if args.limit_events is not None:
-        if args.limit_events < 1:
+    peak = _peak_events_per_second(orders, load_meta())
+    limit = QUICK_EVENTS if args.quick and args.limit_events is None else args.limit_events
+    if limit is not None:
+        if limit < 1:
             raise SystemExit("--limit-events must be at least 1")
-        orders = orders.iloc[: args.limit_events]
+        orders = orders.iloc[:limit]
         trades = trades[trades["exchange_timestamp"] <= orders["exchange_timestamp"].iloc[-1]]
     model, tokenizer = load_orderbook_model(args.checkpoint)
-    peak = _peak_events_per_second(orders)
     machine = machine_info()
     events = len(orders) + len(trades)
 
@@ -73,21 +78,21 @@ def run(args) -> int:
     rows, probs = {"book and features only": {"seconds": book_seconds, "events_per_s": events / book_seconds}}, {}
     for policy in ("int8", "full"):
         analyzer = StreamingOrderBookAnalyzer(model, tokenizer, cache_policy=policy)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         forecasts = list(analyzer.replay(orders, trades))
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         latencies = [forecast.latency_s for forecast in forecasts]
         probs[policy] = np.stack([forecast.probs for forecast in forecasts])
         rows[f"analyzer, {policy} cache"] = {
-            "seconds": seconds, "events_per_s": events / seconds, "ticks": len(forecasts), "ticks_per_s": len(forecasts) / seconds,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "events_per_cpu_s": events / cpu_seconds, "events_per_s": events / seconds, "ticks": len(forecasts), "ticks_per_s": len(forecasts) / seconds,
             "p50_tick_ms": percentile_ms(latencies, 50), "p99_tick_ms": percentile_ms(latencies, 99),
             "cache_bytes": analyzer.cache_bytes(), "context_tokens": analyzer.context_length, "rebases": analyzer.rebases,
         }  # fmt: skip
     int8 = rows["analyzer, int8 cache"]
-    headroom = int8["events_per_s"] / peak
+    headroom, cpu_headroom = int8["events_per_s"] / peak, int8["events_per_cpu_s"] / peak
     payload = {
         "machine": machine, "checkpoint": args.checkpoint, "order_events": len(orders), "trades": len(trades),
-        "peak_live_events_per_s": peak, "rows": rows, "headroom": headroom, "target_headroom": TARGET_HEADROOM,
+        "peak_live_events_per_s": peak, "rows": rows, "headroom": headroom, "headroom_on_cpu_time": cpu_headroom, "target_headroom": TARGET_HEADROOM,
         "target_met": headroom >= TARGET_HEADROOM,
         "int8_vs_full_max_prob_difference": float(np.abs(probs["int8"] - probs["full"]).max()),
     }  # fmt: skip
@@ -99,6 +104,8 @@ def run(args) -> int:
               f"{row.get('p50_tick_ms', float('nan')):7.2f} {row.get('p99_tick_ms', float('nan')):7.2f} {row.get('cache_bytes', 0):12,}")  # fmt: skip
     print(f"int8 vs full cache: largest difference of a move probability {payload['int8_vs_full_max_prob_difference']:.2e}")
     print(f"headroom over the peak rate: {headroom:.1f}x (target >= {TARGET_HEADROOM:.0f}x: "
-          f"{'met' if payload['target_met'] else 'MISSED'} on {machine['cpu']})")  # fmt: skip
+          f"{'met' if payload['target_met'] else 'MISSED'} on {machine['cpu']}, {machine['cores']} cores)")  # fmt: skip
+    # On a shared machine the wall clock includes waiting for a core; the process's CPU time does not.
+    print(f"on the process's CPU time ({int8['cpu_seconds']:.1f} s): {int8['events_per_cpu_s']:,.0f} events/s, {cpu_headroom:.1f}x the peak")
     print(f"wrote {write_json(args.json, payload)}")
     return 0

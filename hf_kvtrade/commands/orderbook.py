@@ -11,12 +11,9 @@ ACTIONS = ("replay", "evaluate", "train")
 
 
 def register(subparsers) -> None:
-    from ..checkpoint import SHIPPED_CHECKPOINT
-
-    default_checkpoint = SHIPPED_CHECKPOINT.parent / "kvtrade-orderbook"
     parser = subparsers.add_parser("orderbook", help="replay the BTC/USD order-book capture with next-mid-move forecasts")
     parser.add_argument("action", nargs="?", default="replay", choices=ACTIONS, help="what to do (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(default_checkpoint), help="order-book model folder (default: %(default)s)")
+    parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
     parser.add_argument("--cache", default="int8", help="KV cache policy of the analyzer (default: %(default)s)")
     parser.add_argument("--limit-events", type=int, help="replay only the first N order events")
     parser.add_argument("--speed", type=float, help="replay at N times the events' own pace (default: as fast as possible)")
@@ -24,7 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--plot-minutes", type=float, default=3.0, help="minutes of the test period in the plot (default: %(default)s)")
     parser.add_argument("--out", default="out/orderbook", help="folder for the plot (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--output-dir", default=str(default_checkpoint), help="train: where to save (default: %(default)s)")
+    parser.add_argument("--output-dir", help="train: where to save (default: the shipped kvtrade-orderbook folder)")
     parser.add_argument("--max-steps", type=int, default=400, help="train: optimizer steps (default: %(default)s)")
     parser.set_defaults(func=run)
 
@@ -33,8 +30,11 @@ def run(args) -> int:
     import torch
 
     from ..orderbook.capture import load_orders, load_trades
+    from ..orderbook.training import SHIPPED_ORDERBOOK_CHECKPOINT
 
     torch.set_num_threads(args.threads)
+    args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
+    args.output_dir = args.output_dir or str(SHIPPED_ORDERBOOK_CHECKPOINT)
     orders, trades = load_orders(), load_trades()
     if args.action == "train":
         return _train(args, orders, trades)
@@ -62,12 +62,12 @@ def _replay(args, orders, trades) -> int:
     analyzer = StreamingOrderBookAnalyzer(model, tokenizer, cache_policy=args.cache)
     print(f"replaying {len(orders):,} order events and {len(trades):,} trades through {args.checkpoint} "
           f"({args.cache} cache, {analyzer.clock.clock_ms} ms ticks, context window {analyzer.policy.window} tokens)")  # fmt: skip
-    print(f"{'tick (UTC)':>23} {'mid':>10} {'imbal':>6} {'P(up)':>6} {'P(down)':>7} {'E[move]':>8} {'5%-95% next mid':>21}")
+    print(f"{'tick (UTC)':>23} {'mid':>10} {'imbal':>6} {'P(up)':>6} {'P(down)':>7} {'E[move]':>8} {'1%-99% next mid':>21}")
     forecasts, started = [], time.perf_counter()
     for forecast in analyzer.replay(orders, trades, speed=args.speed):
         forecasts.append(forecast)
         if len(forecasts) % args.print_every == 0:
-            low, high = forecast.mid_quantiles((0.05, 0.95))
+            low, high = forecast.mid_quantiles((0.01, 0.99))
             print(f"{forecast.time.strftime('%Y-%m-%d %H:%M:%S.%f')[:-5]:>23} {forecast.mid:10.1f} {forecast.imbalance:6.2f} "
                   f"{forecast.prob_up:6.3f} {forecast.prob_down:7.3f} {forecast.expected_move:8.3f} {low:10.1f}-{high:10.1f}")  # fmt: skip
     elapsed = time.perf_counter() - started
@@ -79,7 +79,7 @@ def _replay(args, orders, trades) -> int:
     if len(frame) > 2:
         try:
             test_start = split_by_time(frame)[1]
-        except ValueError:  # a short replay: plot its last minutes
+        except ValueError:  # a replay shorter than the three periods: plot from its start
             test_start = 0
         end = min(len(forecasts), test_start + int(args.plot_minutes * 60_000 / analyzer.clock.clock_ms))
         path = plot_orderbook_forecasts(forecasts[test_start:end], trades, f"{args.out}/orderbook_forecast.png")

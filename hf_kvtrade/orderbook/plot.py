@@ -16,7 +16,8 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
 
     Top: the mid, the ``band`` quantiles of the next tick's mid as forecast one tick earlier (so the band at a tick
     is what was expected for it), and the trades as buy/sell markers at their prices. Middle: top-of-book depth
-    imbalance and the model's lean ``P(up) - P(down)``. Bottom: signed traded volume per tick.
+    imbalance, the model's lean given a move ``(P(up) - P(down)) / P(move)`` and, on the right axis, ``P(move)``.
+    Bottom: signed traded volume per tick.
     """
     import matplotlib
 
@@ -28,7 +29,7 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     times = pd.to_datetime([f.tick_ms for f in forecasts], unit="ms", utc=True)
     mid = np.array([f.mid for f in forecasts])
     bands = np.array([f.mid_quantiles(band) for f in forecasts])
-    lean = np.array([f.prob_up - f.prob_down for f in forecasts])
+    up, down = np.array([f.prob_up for f in forecasts]), np.array([f.prob_down for f in forecasts])
     stamps = pd.to_datetime(trades["exchange_timestamp"], unit="ms", utc=True)
     shown = trades[(stamps >= times[0]) & (stamps <= times[-1])]
     shown_times = pd.to_datetime(shown["exchange_timestamp"], unit="ms", utc=True)
@@ -40,14 +41,18 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     for side, marker, color in (("buy", "^", "tab:green"), ("sell", "v", "tab:red")):
         chosen = shown["side"].to_numpy() == side
         top.scatter(shown_times[chosen], shown["price"].to_numpy()[chosen], marker=marker, color=color, s=18, label=f"{side} trades", zorder=3)
-    top.set_ylabel("USD")
+    top.set_ylabel("mid (USD)")
     top.legend(loc="upper left", fontsize=8)
     top.set_title(title or "BTC/USD order book: next-tick mid forecast")
     middle.plot(times, [f.imbalance for f in forecasts], color="tab:purple", lw=0.8, label="depth imbalance (top level)")
-    middle.plot(times, lean, color="tab:orange", lw=0.8, label="model P(up) - P(down)")
+    middle.plot(times, (up - down) / (up + down), color="tab:orange", lw=0.8, label="model lean if it moves: P(up) - P(down), given a move")
     middle.axhline(0, color="grey", lw=0.5)
     middle.set_ylim(-1.05, 1.05)
     middle.legend(loc="upper left", fontsize=8)
+    chance = middle.twinx()
+    chance.plot(times, up + down, color="tab:cyan", lw=0.8)
+    chance.set_ylabel("model P(move)", color="tab:cyan")
+    chance.set_ylim(bottom=0)
     bottom.bar(times, [f.trade_flow for f in forecasts], width=pd.Timedelta(milliseconds=100), color="tab:gray")
     bottom.set_ylabel("BTC bought - sold")
     bottom.set_xlabel("time (UTC)")
