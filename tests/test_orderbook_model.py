@@ -15,7 +15,6 @@ from hf_kvtrade.orderbook.evaluation import model_move_probs, move_targets
 from hf_kvtrade.orderbook.tokenizer import OrderBookTokenizer
 from hf_kvtrade.orderbook.training import load_orderbook_model, split_by_time
 
-
 # The checkpoint committed in this checkout (installed as package data: SHIPPED_ORDERBOOK_CHECKPOINT).
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "kvtrade-orderbook"
 

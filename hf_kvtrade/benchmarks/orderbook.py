@@ -50,6 +50,7 @@ def _replay_book(orders, trades) -> float:
 
 
 def run(args) -> int:
+    import os
     import time
 
     import numpy as np
@@ -96,7 +97,9 @@ def run(args) -> int:
         "target_met": headroom >= TARGET_HEADROOM,
         "int8_vs_full_max_prob_difference": float(np.abs(probs["int8"] - probs["full"]).max()),
     }  # fmt: skip
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} torch thread(s)")
+    load = os.getloadavg()[0]
+    payload["load_average_1min"] = load
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} torch thread(s), load average {load:.1f} at the end")
     print(f"{len(orders):,} order events + {len(trades):,} trades; busiest second of the capture: {peak:,} live events")
     print(f"{'run':<24} {'seconds':>8} {'events/s':>10} {'ticks/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cache bytes':>12}")
     for name, row in rows.items():

@@ -26,7 +26,7 @@ def run(args) -> int:
         ("Replaying hourly BTC/USD bar by bar through the streaming engine",
          ["stream", "--data", "btc_usd_1h", "--limit", str(args.stream_bars)]),
         ("Walk-forward backtest on the held-out test periods", ["backtest", "--out", f"{args.out}/backtest"]),
-        ("Replaying the first 25 s of the Bitstamp BTC/USD order book with next-mid-move forecasts",
+        ("Replaying the first half-minute of the Bitstamp BTC/USD order book with next-mid-move forecasts",
          ["orderbook", "--limit-events", "11000", "--print-every", "50", "--out", f"{args.out}/orderbook",
           "--checkpoint", str(SHIPPED_ORDERBOOK_CHECKPOINT)]),
     ]

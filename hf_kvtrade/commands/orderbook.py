@@ -70,9 +70,9 @@ def _replay(args, orders, trades) -> int:
             low, high = forecast.mid_quantiles((0.01, 0.99))
             print(f"{forecast.time.strftime('%Y-%m-%d %H:%M:%S.%f')[:-5]:>23} {forecast.mid:10.1f} {forecast.imbalance:6.2f} "
                   f"{forecast.prob_up:6.3f} {forecast.prob_down:7.3f} {forecast.expected_move:8.3f} {low:10.1f}-{high:10.1f}")  # fmt: skip
-    elapsed = time.perf_counter() - started
+    elapsed, events = time.perf_counter() - started, len(orders) + len(trades)
     latencies = np.array([f.latency_s for f in forecasts]) * 1e3
-    print(f"{len(forecasts):,} ticks in {elapsed:.1f} s ({len(orders) / elapsed:,.0f} events/s, {len(forecasts) / elapsed:,.0f} ticks/s); "
+    print(f"{len(forecasts):,} ticks in {elapsed:.1f} s ({events / elapsed:,.0f} events/s, {len(forecasts) / elapsed:,.0f} ticks/s); "
           f"model latency per tick p50 {np.percentile(latencies, 50):.2f} ms, p99 {np.percentile(latencies, 99):.2f} ms; "
           f"{analyzer.rebases} rebases; cache {analyzer.cache_bytes():,} bytes")  # fmt: skip
     frame = pd.DataFrame({"mid": [f.mid for f in forecasts]}, index=pd.to_datetime([f.tick_ms for f in forecasts], unit="ms", utc=True))

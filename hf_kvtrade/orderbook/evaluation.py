@@ -90,7 +90,7 @@ def move_metrics(probs: np.ndarray, bins: np.ndarray, tokenizer: OrderBookTokeni
     up, down = probs[:, tokenizer.move_steps > 0].sum(1), probs[:, tokenizer.move_steps < 0].sum(1)
     called = np.sign(up - down)
     return {
-        "ticks": int(len(bins)),
+        "ticks": len(bins),
         "moves": int(moved.sum()),
         "nll": float(-np.log(likelihood).mean()),
         "nll_moves": float(-np.log(likelihood[moved]).mean()) if moved.any() else float("nan"),

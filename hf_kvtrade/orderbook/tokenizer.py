@@ -153,7 +153,7 @@ class OrderBookTokenizer:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "OrderBookTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> OrderBookTokenizer:
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{os.fspath(directory)!r} has no {TOKENIZER_FILE}: not an order-book checkpoint")
@@ -165,4 +165,4 @@ class OrderBookTokenizer:
         return cls(**{**settings, "ofi_edges": tuple(settings["ofi_edges"])})
 
 
-__all__ = ["FEATURE_COLUMNS", "OrderBookTokenizer", "TOKENIZER_FILE"]
+__all__ = ["FEATURE_COLUMNS", "TOKENIZER_FILE", "OrderBookTokenizer"]
