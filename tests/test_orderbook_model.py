@@ -124,3 +124,10 @@ def test_int8_analyzer_forecasts_every_tick_with_a_quantized_cache(shipped, capt
 def test_time_split_is_20_5_5_minutes():
     index = pd.date_range("2026-05-02 02:36:20.1", periods=18_000, freq="100ms", tz="UTC")
     assert split_by_time(pd.DataFrame(index=index)) == (12_000, 15_000)
+
+
+def test_orderbook_checkpoint_carries_the_package_model_code():
+    # Regenerate with hf_kvtrade.checkpoint.refresh_remote_code(CHECKPOINT) after changing the model code.
+    from hf_kvtrade.checkpoint import stale_remote_code
+
+    assert stale_remote_code(CHECKPOINT) == []

@@ -107,7 +107,11 @@ def _train(args, orders, trades) -> int:
 
     from ..orderbook import features
     from ..orderbook.evaluation import compare, format_report
-    from ..orderbook.training import load_orderbook_model, train_orderbook_model
+    from ..orderbook.training import (
+        load_orderbook_model,
+        train_orderbook_model,
+        write_model_card,
+    )
 
     frame = features(orders, trades)
     run = train_orderbook_model(frame, args.output_dir, max_steps=args.max_steps)
@@ -115,6 +119,7 @@ def _train(args, orders, trades) -> int:
     report = compare(frame, model, tokenizer)
     command = f"kvtrade orderbook train --max-steps {args.max_steps}"
     Path(args.output_dir, "evaluation.json").write_text(json.dumps({"command": command, "training": vars(run), "report": report}, indent=1))
+    write_model_card(args.output_dir, command, vars(run), format_report(report))
     print(f"validation loss {run.initial_validation_loss:.4f} -> {run.validation_loss:.4f} (best step {run.best_step}) "
           f"in {run.train_seconds / 60:.1f} min, {run.num_parameters:,} parameters; saved to {args.output_dir}")  # fmt: skip
     print(format_report(report))

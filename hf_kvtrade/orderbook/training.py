@@ -147,6 +147,38 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
     )
 
 
+def write_model_card(output_dir: str | os.PathLike, command: str, run: dict, report_table: str) -> Path:
+    """README.md of an order-book checkpoint (a `huggingface_hub.ModelCard`): data, split, command, metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(library_name="transformers", license="apache-2.0", pipeline_tag="time-series-forecasting",
+                              tags=["kvtrade", "finance", "order-book", "custom_code"], model_name=Path(output_dir).name)  # fmt: skip
+    lines = [
+        f"---\n{card_data.to_yaml()}\n---",
+        f"# {Path(output_dir).name}",
+        ("A decoder-only transformer (`KVTradeForCausalLM`, hf-kvtrade) over order-book tick tokens: each 100 ms tick "
+        "of the Bitstamp BTC/USD book is three tokens (the mid's move since the tick before in 0.5 USD steps, the "
+        "top-of-book depth imbalance bin, the order-flow-imbalance bin; `orderbook_tokenizer.json`), and the "
+        "next-token distribution over the 17 move bins is the forecast of the next tick's mid move. Load it with "
+        "`hf_kvtrade.orderbook.training.load_orderbook_model(path)`; stream it with "
+        "`hf_kvtrade.orderbook.analyzer.StreamingOrderBookAnalyzer`."),
+        "## Training command",
+        f"```bash\n{command}\n```",
+        (f"{run['num_parameters']:,} parameters, windows of {WINDOW_TOKENS} tokens ({WINDOW_TOKENS // 3} ticks), "
+        f"{run['num_train_windows']:,} training windows; validation loss {run['initial_validation_loss']:.4f} -> "
+        f"{run['validation_loss']:.4f} (best step {run['best_step']})."),
+        "## Data",
+        ("The 30-minute Bitstamp BTC/USD order-flow capture of the ob-analytics 0.1.0 wheel (2026-05-02 "
+        "02:36:20-03:06:20 UTC, data GPL-2.0-or-later, not redistributed here). Split by time: the first "
+        f"{PERIOD_MINUTES[0]} minutes train, the next {PERIOD_MINUTES[1]} validate, the last {PERIOD_MINUTES[2]} test."),
+        "## Metrics (next-tick mid move, against baselines on the same ticks and bins)",
+        report_table,
+    ]
+    path = Path(output_dir) / "README.md"
+    ModelCard("\n\n".join(lines) + "\n").save(path)
+    return path
+
+
 def load_orderbook_model(path: str | os.PathLike):
     """``(model, tokenizer)`` of an order-book checkpoint, the model in eval mode."""
     from ..checkpoint import checkpoint_dir
@@ -160,5 +192,14 @@ def load_orderbook_model(path: str | os.PathLike):
     return model, tokenizer
 
 
-__all__ = ["SHIPPED_ORDERBOOK_CHECKPOINT", "OrderBookTrainingRun", "load_orderbook_model", "move_labels", "scoring_windows",
-           "split_by_time", "train_orderbook_model", "training_windows"]  # fmt: skip
+__all__ = [
+    "SHIPPED_ORDERBOOK_CHECKPOINT",
+    "OrderBookTrainingRun",
+    "load_orderbook_model",
+    "move_labels",
+    "scoring_windows",
+    "split_by_time",
+    "train_orderbook_model",
+    "training_windows",
+    "write_model_card",
+]  # fmt: skip
