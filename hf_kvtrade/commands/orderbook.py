@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--plot-minutes", type=float, default=3.0, help="minutes of the test period in the plot (default: %(default)s)")
     parser.add_argument("--out", default="out/orderbook", help="folder for the plot (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--output-dir", help="train: where to save (default: the shipped kvtrade-orderbook folder)")
+    parser.add_argument("--output-dir", default="checkpoints/kvtrade-orderbook", help="train: where to save (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=400, help="train: optimizer steps (default: %(default)s)")
     parser.set_defaults(func=run)
 
@@ -34,7 +34,6 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
-    args.output_dir = args.output_dir or str(SHIPPED_ORDERBOOK_CHECKPOINT)
     orders, trades = load_orders(), load_trades()
     if args.action == "train":
         return _train(args, orders, trades)
