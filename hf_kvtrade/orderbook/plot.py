@@ -53,7 +53,10 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     chance.plot(times, up + down, color="tab:cyan", lw=0.8)
     chance.set_ylabel("model P(move)", color="tab:cyan")
     chance.set_ylim(bottom=0)
-    bottom.bar(times, [f.trade_flow for f in forecasts], width=pd.Timedelta(milliseconds=100), color="tab:gray")
+    flow = np.array([f.trade_flow for f in forecasts])
+    # One line per tick that traded: a 100 ms bar is narrower than a pixel over minutes.
+    bottom.vlines(times[flow != 0], 0, flow[flow != 0], color=np.where(flow[flow != 0] > 0, "tab:green", "tab:red"), lw=1.5)
+    bottom.axhline(0, color="grey", lw=0.5)
     bottom.set_ylabel("BTC bought - sold")
     bottom.set_xlabel("time (UTC)")
     figure.tight_layout()
