@@ -16,6 +16,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Each step is the real subcommand, so the demo shows exactly what a user would type.
     from ..cli import main
+    from ..orderbook.training import SHIPPED_ORDERBOOK_CHECKPOINT
 
     steps = [
         ("Next-day forecast of the S&P 500 (exact next-token distribution)", ["forecast", "--series", "sp500"]),
@@ -25,6 +26,9 @@ def run(args) -> int:
         ("Replaying hourly BTC/USD bar by bar through the streaming engine",
          ["stream", "--data", "btc_usd_1h", "--limit", str(args.stream_bars)]),
         ("Walk-forward backtest on the held-out test periods", ["backtest", "--out", f"{args.out}/backtest"]),
+        ("Replaying the first half-minute of the Bitstamp BTC/USD order book with next-mid-move forecasts",
+         ["orderbook", "--limit-events", "11000", "--print-every", "50", "--out", f"{args.out}/orderbook",
+          "--checkpoint", str(SHIPPED_ORDERBOOK_CHECKPOINT)]),
     ]
     for title, argv in steps:
         print(f"\n=== {title}\n$ kvtrade {' '.join(argv)}", flush=True)
@@ -33,5 +37,5 @@ def run(args) -> int:
         status = main(argv)
         if status:
             return status
-    print(f"\nPlots and the JSON report are in {args.out}/backtest/")
+    print(f"\nPlots and the JSON report are in {args.out}/backtest/, the order-book plot in {args.out}/orderbook/")
     return 0

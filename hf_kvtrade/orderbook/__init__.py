@@ -2,6 +2,6 @@
 
 from .book import OrderBook
 from .events import read_orders, read_trades
-from .features import CLOCK_MS, features, ofi_term
+from .features import CLOCK_MS, TickClock, features, ofi_term
 
-__all__ = ["CLOCK_MS", "OrderBook", "features", "ofi_term", "read_orders", "read_trades"]
+__all__ = ["CLOCK_MS", "OrderBook", "TickClock", "features", "ofi_term", "read_orders", "read_trades"]

@@ -59,36 +59,80 @@ def _row(book: OrderBook) -> dict[str, float]:
             **{f"imbalance_{n}": _imbalance(book, n) for n in IMBALANCE_LEVELS}}  # fmt: skip
 
 
+class TickClock:
+    """The book and the running tick of an event stream: what :func:`features` computes, one event at a time.
+
+    ``add_order`` and ``add_trade`` take events in exchange-time order and return the ticks that the event closed,
+    as ``(tick_ms, row)`` pairs (several when the stream skipped empty ticks). The leading snapshot is recognised as
+    :func:`snapshot_rows` does: the ``created`` rows sharing the first exchange timestamp.
+    """
+
+    def __init__(self, clock_ms: int = CLOCK_MS):
+        if clock_ms < 1:
+            raise ValueError(f"clock_ms must be a positive number of milliseconds, got {clock_ms}")
+        self.clock_ms = clock_ms
+        self.book = OrderBook()
+        self.tick: int | None = None
+        self._first_stamp: int | None = None
+        self._ofi = self._trade_flow = 0.0
+        self._events = 0
+        self._snapshot_over = False
+
+    def _advance(self, stamp: int) -> list[tuple[int, dict[str, float]]]:
+        if self.tick is None:
+            self.tick = -(-int(stamp) // self.clock_ms) * self.clock_ms
+        closed = []
+        while stamp > self.tick:
+            closed.append(self.close_tick())
+        return closed
+
+    def close_tick(self) -> tuple[int, dict[str, float]]:
+        """Ends the running tick now (the stream's last tick has no later event to end it)."""
+        if self.tick is None:
+            raise ValueError("no event has arrived yet: there is no tick to close")
+        closed = (self.tick, {**_row(self.book), "ofi": self._ofi, "trade_flow": self._trade_flow, "events": self._events})
+        self.tick, self._ofi, self._trade_flow, self._events = self.tick + self.clock_ms, 0.0, 0.0, 0
+        return closed
+
+    def add_order(self, order: int, action: str, direction: str, price: float, volume: float, stamp: int):
+        closed = self._advance(stamp)
+        if self._first_stamp is None:
+            self._first_stamp = stamp
+        if not self._snapshot_over and not (stamp == self._first_stamp and action == "created"):
+            self._snapshot_over = True
+            self.book.end_snapshot()
+        before = (*_touch(self.book, "bid"), *_touch(self.book, "ask"))
+        self.book.apply(order, action, direction, price, volume, stamp)
+        if self._snapshot_over:
+            self._ofi += ofi_term(before, (*_touch(self.book, "bid"), *_touch(self.book, "ask")))
+        self._events += 1
+        return closed
+
+    def add_trade(self, side: str, amount: float, stamp: int):
+        """A trade of ``amount`` on ``side`` (buy/sell): it counts in the trade flow of its tick."""
+        closed = self._advance(stamp)
+        self._trade_flow += amount if side == "buy" else -amount
+        return closed
+
+
 def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_MS) -> pd.DataFrame:
     """One row per tick from the first to the last event: mid, spread, microprice, depth imbalance
     ``(bid - ask) / (bid + ask)`` over the top 1/5/20 levels, ``ofi`` (the sum of the tick's per-event OFI terms,
     counted from the first event after the snapshot), ``trade_flow`` (buy minus sell volume traded in the tick)
     and ``events``. Indexed by tick time (UTC)."""
-    book = OrderBook()
-    first_live = snapshot_rows(orders)
-    stamps = orders["exchange_timestamp"].to_numpy()
-    tick = -(-int(stamps[0]) // clock_ms) * clock_ms
-    rows, ticks, ofi, events = [], [], 0.0, 0
+    clock = TickClock(clock_ms)
+    rows = []
     columns = zip(orders["id"].tolist(), orders["action"].tolist(), orders["direction"].tolist(),
-                  orders["price"].tolist(), orders["volume"].tolist(), stamps.tolist())  # fmt: skip
-    for row, (order, action, direction, price, volume, stamp) in enumerate(columns):
-        while stamp > tick:
-            rows.append({**_row(book), "ofi": ofi, "events": events})
-            ticks.append(tick)
-            tick, ofi, events = tick + clock_ms, 0.0, 0
-        if row == first_live:
-            book.end_snapshot()
-        before = (*_touch(book, "bid"), *_touch(book, "ask"))
-        book.apply(order, action, direction, price, volume, stamp)
-        if row >= first_live:
-            ofi += ofi_term(before, (*_touch(book, "bid"), *_touch(book, "ask")))
-        events += 1
-    rows.append({**_row(book), "ofi": ofi, "events": events})
-    ticks.append(tick)
-    frame = pd.DataFrame(rows, index=pd.to_datetime(np.array(ticks), unit="ms", utc=True).rename("tick"))
+                  orders["price"].tolist(), orders["volume"].tolist(), orders["exchange_timestamp"].tolist())  # fmt: skip
+    for order, action, direction, price, volume, stamp in columns:
+        rows += clock.add_order(order, action, direction, price, volume, stamp)
+    rows.append(clock.close_tick())
+    ticks = np.array([tick for tick, _ in rows])
+    frame = pd.DataFrame([row for _, row in rows], index=pd.to_datetime(ticks, unit="ms", utc=True).rename("tick"))
+    # Trades outside the orders' ticks fall away, so the rows are the orders' ticks whatever the trades hold.
     signed = np.where(trades["side"].to_numpy() == "buy", 1.0, -1.0) * trades["amount"].to_numpy()
     trade_ticks = -(-trades["exchange_timestamp"].to_numpy() // clock_ms) * clock_ms
     flow = pd.Series(signed).groupby(trade_ticks).sum()
     flow.index = pd.to_datetime(flow.index, unit="ms", utc=True)
-    frame.insert(frame.columns.get_loc("ofi") + 1, "trade_flow", flow.reindex(frame.index, fill_value=0.0))
+    frame["trade_flow"] = flow.reindex(frame.index, fill_value=0.0)
     return frame

@@ -1,0 +1,125 @@
+"""`kvtrade orderbook`: replays the Bitstamp BTC/USD capture through the streaming order-book analyzer.
+
+``kvtrade orderbook`` (``replay``) prints forecasts and writes the trader's plot; ``kvtrade orderbook evaluate``
+compares the shipped model with the baselines on the validation and test periods; ``kvtrade orderbook train``
+reproduces the shipped checkpoint.
+"""
+
+from __future__ import annotations
+
+ACTIONS = ("replay", "evaluate", "train")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("orderbook", help="replay the BTC/USD order-book capture with next-mid-move forecasts")
+    parser.add_argument("action", nargs="?", default="replay", choices=ACTIONS, help="what to do (default: %(default)s)")
+    parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
+    parser.add_argument("--cache", default="int8", help="KV cache policy of the analyzer (default: %(default)s)")
+    parser.add_argument("--limit-events", type=int, help="replay only the first N order events")
+    parser.add_argument("--speed", type=float, help="replay at N times the events' own pace (default: as fast as possible)")
+    parser.add_argument("--print-every", type=int, default=600, help="print every N-th forecast (default: %(default)s, one a minute)")
+    parser.add_argument("--plot-minutes", type=float, default=3.0, help="minutes of the test period in the plot (default: %(default)s)")
+    parser.add_argument("--out", default="out/orderbook", help="folder for the plot (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--output-dir", default="checkpoints/kvtrade-orderbook", help="train: where to save (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=400, help="train: optimizer steps (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..orderbook.capture import load_orders, load_trades
+    from ..orderbook.training import SHIPPED_ORDERBOOK_CHECKPOINT
+
+    torch.set_num_threads(args.threads)
+    args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
+    orders, trades = load_orders(), load_trades()
+    if args.action == "train":
+        return _train(args, orders, trades)
+    if args.action == "evaluate":
+        return _evaluate(args, orders, trades)
+    return _replay(args, orders, trades)
+
+
+def _replay(args, orders, trades) -> int:
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from ..orderbook.analyzer import StreamingOrderBookAnalyzer
+    from ..orderbook.plot import plot_orderbook_forecasts
+    from ..orderbook.training import load_orderbook_model, split_by_time
+
+    model, tokenizer = load_orderbook_model(args.checkpoint)
+    if args.limit_events is not None:
+        if args.limit_events < 1:
+            raise SystemExit("--limit-events must be at least 1")
+        orders = orders.iloc[: args.limit_events]
+        trades = trades[trades["exchange_timestamp"] <= orders["exchange_timestamp"].iloc[-1]]
+    analyzer = StreamingOrderBookAnalyzer(model, tokenizer, cache_policy=args.cache)
+    print(f"replaying {len(orders):,} order events and {len(trades):,} trades through {args.checkpoint} "
+          f"({args.cache} cache, {analyzer.clock.clock_ms} ms ticks, context window {analyzer.policy.window} tokens)")  # fmt: skip
+    print(f"{'tick (UTC)':>23} {'mid':>10} {'imbal':>6} {'P(up)':>6} {'P(down)':>7} {'E[move]':>8} {'1%-99% next mid':>21}")
+    forecasts, started = [], time.perf_counter()
+    for forecast in analyzer.replay(orders, trades, speed=args.speed):
+        forecasts.append(forecast)
+        if len(forecasts) % args.print_every == 0:
+            low, high = forecast.mid_quantiles((0.01, 0.99))
+            print(f"{forecast.time.strftime('%Y-%m-%d %H:%M:%S.%f')[:-5]:>23} {forecast.mid:10.1f} {forecast.imbalance:6.2f} "
+                  f"{forecast.prob_up:6.3f} {forecast.prob_down:7.3f} {forecast.expected_move:8.3f} {low:10.1f}-{high:10.1f}")  # fmt: skip
+    elapsed, events = time.perf_counter() - started, len(orders) + len(trades)
+    latencies = np.array([f.latency_s for f in forecasts]) * 1e3
+    print(f"{len(forecasts):,} ticks in {elapsed:.1f} s ({events / elapsed:,.0f} events/s, {len(forecasts) / elapsed:,.0f} ticks/s); "
+          f"model latency per tick p50 {np.percentile(latencies, 50):.2f} ms, p99 {np.percentile(latencies, 99):.2f} ms; "
+          f"{analyzer.rebases} rebases; cache {analyzer.cache_bytes():,} bytes")  # fmt: skip
+    frame = pd.DataFrame({"mid": [f.mid for f in forecasts]}, index=pd.to_datetime([f.tick_ms for f in forecasts], unit="ms", utc=True))
+    if len(frame) > 2:
+        try:
+            test_start = split_by_time(frame)[1]
+        except ValueError:  # a replay shorter than the three periods: plot from its start
+            test_start = 0
+        end = min(len(forecasts), test_start + int(args.plot_minutes * 60_000 / analyzer.clock.clock_ms))
+        path = plot_orderbook_forecasts(forecasts[test_start:end], trades, f"{args.out}/orderbook_forecast.png")
+        print(f"plot: {path}")
+    return 0
+
+
+def _evaluate(args, orders, trades) -> int:
+    import json
+
+    from ..orderbook import features
+    from ..orderbook.evaluation import compare, format_report
+    from ..orderbook.training import load_orderbook_model
+
+    model, tokenizer = load_orderbook_model(args.checkpoint)
+    report = compare(features(orders, trades), model, tokenizer)
+    print(format_report(report))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _train(args, orders, trades) -> int:
+    import json
+    from pathlib import Path
+
+    from ..orderbook import features
+    from ..orderbook.evaluation import compare, format_report
+    from ..orderbook.training import (
+        load_orderbook_model,
+        train_orderbook_model,
+        write_model_card,
+    )
+
+    frame = features(orders, trades)
+    run = train_orderbook_model(frame, args.output_dir, max_steps=args.max_steps)
+    model, tokenizer = load_orderbook_model(args.output_dir)
+    report = compare(frame, model, tokenizer)
+    command = f"kvtrade orderbook train --max-steps {args.max_steps}"
+    Path(args.output_dir, "evaluation.json").write_text(json.dumps({"command": command, "training": vars(run), "report": report}, indent=1))
+    write_model_card(args.output_dir, command, vars(run), format_report(report))
+    print(f"validation loss {run.initial_validation_loss:.4f} -> {run.validation_loss:.4f} (best step {run.best_step}) "
+          f"in {run.train_seconds / 60:.1f} min, {run.num_parameters:,} parameters; saved to {args.output_dir}")  # fmt: skip
+    print(format_report(report))
+    return 0

@@ -1,0 +1,205 @@
+"""Training the order-book model: a small `KVTradeForCausalLM` over tick tokens, with the project's Trainer set-up.
+
+The capture is split by time: the first 20 minutes train, the next 5 validate (and pick the best weights), the
+last 5 test. Only move tokens are scored: the covariates are given, not forecast. Training windows start on every
+``window_every``-th tick boundary of the training period and hold ``window`` tokens (every context length the
+policy serves is inside one). Validation scores each move from exactly the context the policy gives it in
+serving (:func:`scoring_windows`), so the validation loss is the analyzer's own next-move loss.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..context import ContextPolicy
+from ..data.windows import IGNORE_INDEX
+from .tokenizer import OrderBookTokenizer
+
+PERIOD_MINUTES = (20, 5, 5)
+SHIPPED_ORDERBOOK_CHECKPOINT = Path(str(files("hf_kvtrade.checkpoints") / "kvtrade-orderbook"))
+# 128 ticks (12.8 s) per window; a rebase keeps the last 64 ticks. Both are whole ticks, so every context the
+# policy gives starts on a tick's first token, as the training windows do.
+WINDOW_TOKENS = 384
+STRIDE_TOKENS = 192
+# The `tiny` preset halved in width (two 32-wide heads, which vLLM's CPU kernels take, sharing one KV head): the
+# 12,000 training ticks hold 287 moves in all, and a step of the analyzer must stay well under a millisecond.
+MODEL_SHAPE = {"hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "max_position_embeddings": WINDOW_TOKENS}  # fmt: skip
+
+
+@dataclass
+class OrderBookTrainingRun:
+    output_dir: str
+    initial_validation_loss: float
+    validation_loss: float
+    best_step: int
+    train_seconds: float
+    num_parameters: int
+    num_train_windows: int
+
+
+def split_by_time(frame: pd.DataFrame, minutes=PERIOD_MINUTES) -> tuple[int, int]:
+    """Row indices where validation and test begin: ``minutes`` of ticks after the first tick, in that order."""
+    if not frame.index.is_monotonic_increasing:
+        raise ValueError("the feature frame must be sorted by tick time")
+    offsets = frame.index - frame.index[0]
+    bounds = [int(np.searchsorted(offsets, pd.Timedelta(minutes=sum(minutes[:k])))) for k in (1, 2)]
+    if not 0 < bounds[0] < bounds[1] < len(frame):
+        raise ValueError(f"the frame spans {offsets[-1]}, too short for periods of {minutes} minutes")
+    return bounds[0], bounds[1]
+
+
+def move_labels(ids: np.ndarray, tokenizer: OrderBookTokenizer) -> np.ndarray:
+    """``ids`` with everything but known move tokens set to -100 (the covariates are inputs, not targets)."""
+    positions = np.arange(len(ids))
+    scored = (positions % tokenizer.tokens_per_tick == 0) & (ids != tokenizer.missing_token_id)
+    return np.where(scored, ids, IGNORE_INDEX)
+
+
+def scoring_windows(ids: np.ndarray, tokenizer: OrderBookTokenizer, policy: ContextPolicy, first_tick: int, end_tick: int):
+    """``(input_ids, labels)`` that score the moves of ticks ``first_tick .. end_tick - 1``, each from the context the
+    policy gives the history before it (right-padded windows of ``policy.window`` tokens)."""
+    step = tokenizer.tokens_per_tick
+    labels = move_labels(ids, tokenizer)
+    windows = policy.scoring_windows(end_tick * step, first_target=first_tick * step)
+    input_ids = np.full((len(windows), policy.window), tokenizer.pad_token_id, dtype=np.int64)
+    window_labels = np.full((len(windows), policy.window), IGNORE_INDEX, dtype=np.int64)
+    for row, (start, end, first_scored) in enumerate(windows):
+        input_ids[row, : end - start] = ids[start:end]
+        window_labels[row, first_scored - start : end - start] = labels[first_scored:end]
+    return input_ids, window_labels
+
+
+def training_windows(ids: np.ndarray, tokenizer: OrderBookTokenizer, window: int, every_ticks: int):
+    """Full windows of ``window`` tokens starting at every ``every_ticks``-th tick of ``ids``, moves scored."""
+    step = tokenizer.tokens_per_tick
+    labels = move_labels(ids, tokenizer)
+    starts = range(0, len(ids) - window + 1, every_ticks * step)
+    return np.stack([ids[s : s + window] for s in starts]), np.stack([labels[s : s + window] for s in starts])
+
+
+def build_config(tokenizer: OrderBookTokenizer):
+    from ..presets import load_preset
+
+    return load_preset("tiny", num_bins=tokenizer.num_bins, **MODEL_SHAPE)
+
+
+def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, tokenizer: OrderBookTokenizer | None = None,
+                          max_steps: int = 400, batch_size: int = 8, learning_rate: float = 2e-3, window_every: int = 4,
+                          eval_steps: int = 50, seed: int = 0) -> OrderBookTrainingRun:  # fmt: skip
+    """Trains a fresh model on the training period of ``frame`` (tick features) and saves it with its tokenizer."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, default_data_collator, set_seed
+
+    from .. import register_auto_classes
+    from ..modeling_kvtrade import KVTradeForCausalLM
+    from ..training import _training_arguments
+
+    # The saved folder then carries the model code and auto_map, as the shipped price model does.
+    register_auto_classes()
+    set_seed(seed)
+    tokenizer = tokenizer or OrderBookTokenizer()
+    policy = ContextPolicy(WINDOW_TOKENS, STRIDE_TOKENS)
+    validation_start, test_start = split_by_time(frame)
+    ids = tokenizer.encode(frame)
+    train_ids, train_labels = training_windows(ids[: validation_start * tokenizer.tokens_per_tick], tokenizer, policy.window, window_every)
+    validation_ids, validation_labels = scoring_windows(ids, tokenizer, policy, validation_start, test_start)
+
+    def dataset(input_ids, labels):
+        return Dataset.from_dict({"input_ids": input_ids, "labels": labels}).with_format("torch")
+
+    model = KVTradeForCausalLM(build_config(tokenizer))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvtrade-orderbook-") as scratch:
+        arguments = _training_arguments(scratch, max_steps, learning_rate, batch_size=batch_size, weight_decay=0.1, warmup=0.05,
+                                        eval_steps=eval_steps, seed=seed, logging_steps=eval_steps, use_cpu=not torch.cuda.is_available())  # fmt: skip
+        trainer = Trainer(model=model, args=arguments, train_dataset=dataset(train_ids, train_labels),
+                          eval_dataset=dataset(validation_ids, validation_labels), data_collator=default_data_collator)  # fmt: skip
+        initial_loss = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+    model = trainer.model
+    # The Trainer switches the cache off for training; the analyzer and vLLM want it on.
+    model.config.use_cache = True
+    model.config.training_context_length = policy.window
+    model.config.context_stride = policy.stride
+    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return OrderBookTrainingRun(
+        output_dir=str(output_dir),
+        initial_validation_loss=float(initial_loss),
+        validation_loss=float(trainer.state.best_metric),
+        best_step=best_step,
+        train_seconds=time.perf_counter() - started,
+        num_parameters=model.num_parameters(),
+        num_train_windows=len(train_ids),
+    )
+
+
+def write_model_card(output_dir: str | os.PathLike, command: str, run: dict, report_table: str) -> Path:
+    """README.md of an order-book checkpoint (a `huggingface_hub.ModelCard`): data, split, command, metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(library_name="transformers", license="apache-2.0", pipeline_tag="time-series-forecasting",
+                              tags=["kvtrade", "finance", "order-book", "custom_code"], model_name=Path(output_dir).name)  # fmt: skip
+    lines = [
+        f"---\n{card_data.to_yaml()}\n---",
+        f"# {Path(output_dir).name}",
+        ("A decoder-only transformer (`KVTradeForCausalLM`, hf-kvtrade) over order-book tick tokens: each 100 ms tick "
+        "of the Bitstamp BTC/USD book is three tokens (the mid's move since the tick before in 0.5 USD steps, the "
+        "top-of-book depth imbalance bin, the order-flow-imbalance bin; `orderbook_tokenizer.json`), and the "
+        "next-token distribution over the 17 move bins is the forecast of the next tick's mid move. Load it with "
+        "`hf_kvtrade.orderbook.training.load_orderbook_model(path)`; stream it with "
+        "`hf_kvtrade.orderbook.analyzer.StreamingOrderBookAnalyzer`."),
+        "## Training command",
+        f"```bash\n{command}\n```",
+        (f"{run['num_parameters']:,} parameters, windows of {WINDOW_TOKENS} tokens ({WINDOW_TOKENS // 3} ticks), "
+        f"{run['num_train_windows']:,} training windows; validation loss {run['initial_validation_loss']:.4f} -> "
+        f"{run['validation_loss']:.4f} (best step {run['best_step']})."),
+        "## Data",
+        ("The 30-minute Bitstamp BTC/USD order-flow capture of the ob-analytics 0.1.0 wheel (2026-05-02 "
+        "02:36:20-03:06:20 UTC, data GPL-2.0-or-later, not redistributed here). Split by time: the first "
+        f"{PERIOD_MINUTES[0]} minutes train, the next {PERIOD_MINUTES[1]} validate, the last {PERIOD_MINUTES[2]} test."),
+        "## Metrics (next-tick mid move, against baselines on the same ticks and bins)",
+        report_table,
+    ]
+    path = Path(output_dir) / "README.md"
+    ModelCard("\n\n".join(lines) + "\n").save(path)
+    return path
+
+
+def load_orderbook_model(path: str | os.PathLike):
+    """``(model, tokenizer)`` of an order-book checkpoint, the model in eval mode."""
+    from ..checkpoint import checkpoint_dir
+    from ..modeling_kvtrade import KVTradeForCausalLM
+
+    folder = checkpoint_dir(path)
+    tokenizer = OrderBookTokenizer.from_pretrained(folder)
+    model = KVTradeForCausalLM.from_pretrained(folder).eval()
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{folder}: the model's vocabulary ({model.config.vocab_size}) is not the tokenizer's ({tokenizer.vocab_size})")
+    return model, tokenizer
+
+
+__all__ = [
+    "SHIPPED_ORDERBOOK_CHECKPOINT",
+    "OrderBookTrainingRun",
+    "load_orderbook_model",
+    "move_labels",
+    "scoring_windows",
+    "split_by_time",
+    "train_orderbook_model",
+    "training_windows",
+    "write_model_card",
+]  # fmt: skip
