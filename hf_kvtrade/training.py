@@ -114,6 +114,20 @@ def make_trainer(model, output_dir: str, train_dataset, *, max_steps: int, learn
                    data_collator=default_data_collator, callbacks=[RestoreCache()])  # fmt: skip
 
 
+def validated_trainer(model, output_dir: str, train_dataset, eval_dataset, *, max_steps: int, learning_rate: float,
+                      batch_size: int, seed: int, use_cpu: bool, warmup: float, weight_decay: float, eval_steps: int,
+                      logging_steps: int):  # fmt: skip
+    """A cosine schedule, validated every ``eval_steps`` steps, ending on the weights of the best validation loss:
+    how every model of the project (price and order-book) is trained."""
+    return make_trainer(
+        model, output_dir, train_dataset, eval_dataset=eval_dataset, max_steps=max_steps, learning_rate=learning_rate,
+        batch_size=batch_size, seed=seed, use_cpu=use_cpu, data_seed=seed, lr_scheduler_type="cosine",
+        warmup_steps=warmup, weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps,
+        save_strategy="steps", save_steps=eval_steps, save_total_limit=1, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", logging_steps=logging_steps,
+    )  # fmt: skip
+
+
 def train(
     config: KVTradeConfig,
     frames: dict[str, pd.DataFrame],
@@ -159,14 +173,10 @@ def train(
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
 
         def stage_trainer(stage: str, train_dataset, stage_steps: int, stage_learning_rate: float):
-            """A cosine schedule, validated every ``eval_steps`` steps, ending on the best validation loss."""
-            return make_trainer(
-                model, os.path.join(scratch, stage), train_dataset, eval_dataset=windows["validation"],
-                max_steps=stage_steps, learning_rate=stage_learning_rate, batch_size=batch_size, seed=seed,
-                use_cpu=use_cpu, data_seed=seed, lr_scheduler_type="cosine", warmup_steps=warmup,
-                weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
-                save_steps=eval_steps, save_total_limit=1, save_only_model=True, load_best_model_at_end=True,
-                metric_for_best_model="eval_loss", logging_steps=logging_steps,
+            return validated_trainer(
+                model, os.path.join(scratch, stage), train_dataset, windows["validation"], max_steps=stage_steps,
+                learning_rate=stage_learning_rate, batch_size=batch_size, seed=seed, use_cpu=use_cpu, warmup=warmup,
+                weight_decay=weight_decay, eval_steps=eval_steps, logging_steps=logging_steps,
             )  # fmt: skip
 
         if synthetic is not None and synthetic.max_steps > 0:

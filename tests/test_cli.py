@@ -7,8 +7,8 @@ import pytest
 
 from hf_kvtrade.cli import main
 
-COMMANDS = {"backtest", "bench", "convert-gqa", "demo", "evaluate", "forecast", "serve", "stream", "train"}
-BENCHMARKS = {"all", "attention", "attention_map", "cache", "gqa", "serve", "stream"}
+COMMANDS = {"backtest", "bench", "convert-gqa", "demo", "evaluate", "forecast", "orderbook", "serve", "stream", "train"}
+BENCHMARKS = {"all", "attention", "attention_map", "batch", "cache", "gqa", "orderbook", "serve", "stream"}
 
 
 def test_help_lists_every_command_and_benchmark():

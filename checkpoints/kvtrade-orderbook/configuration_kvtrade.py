@@ -1,9 +1,8 @@
-"""KVTrade model configuration: a Llama-shaped decoder over return-bin tokens, with GQA and RoPE."""
+"""KVTrade model configuration: Mistral's (a Llama with an optional sliding window) over return-bin tokens."""
 
 from huggingface_hub.dataclasses import strict
 
-from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.models.mistral.configuration_mistral import MistralConfig
 
 # Mirrors ReturnTokenizer: ids 0..3 are pad, bos, eos and missing-bar, then one id per return bin. This file is
 # copied next to the weights for `trust_remote_code`, so it cannot import the tokenizer module.
@@ -11,10 +10,11 @@ NUM_SPECIAL_TOKENS = 4
 
 
 @strict
-class KVTradeConfig(PreTrainedConfig):
+class KVTradeConfig(MistralConfig):
     r"""
-    Configuration of [`KVTradeForCausalLM`]. The defaults describe the `small` preset's shape and the default
-    [`ReturnTokenizer`] grid, so `KVTradeConfig()` and `ReturnTokenizer()` always fit together.
+    Configuration of [`KVTradeForCausalLM`]: a [`MistralConfig`] whose defaults describe the `small` preset's shape
+    and the default [`ReturnTokenizer`] grid, so `KVTradeConfig()` and `ReturnTokenizer()` always fit together.
+    The bin grid is kept here only: a checkpoint's tokenizer is `ReturnTokenizer.from_config` of its config.
 
     Args:
         num_bins (`int`): return bins of the tokenizer; `vocab_size` is `num_bins + 4` (pad, bos, eos, missing).
@@ -36,21 +36,6 @@ class KVTradeConfig(PreTrainedConfig):
     ```"""
 
     model_type = "kvtrade"
-    keys_to_ignore_at_inference = ["past_key_values"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
 
     num_bins: int = 1024
     return_clip: float = 0.2
@@ -62,35 +47,29 @@ class KVTradeConfig(PreTrainedConfig):
     num_attention_heads: int = 8
     num_key_value_heads: int | None = 2
     head_dim: int = 32
-    hidden_act: str = "silu"
     max_position_embeddings: int = 8192
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = True
     pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    tie_word_embeddings: bool = False
-    rope_parameters: RopeParameters | dict | None = None
-    attention_bias: bool = False
-    attention_dropout: int | float = 0.0
     sliding_window: int | None = None
     training_context_length: int | None = None
     context_stride: int | None = None
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
-        expected_vocab = self.num_bins + NUM_SPECIAL_TOKENS
         if self.vocab_size is None:
-            self.vocab_size = expected_vocab
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            self.vocab_size = self.num_bins + NUM_SPECIAL_TOKENS
         if self.layer_types is None:
             layer_type = "full_attention" if self.sliding_window is None else "sliding_attention"
             self.layer_types = [layer_type] * self.num_hidden_layers
-        # save_pretrained merges the saving class into auto_map; the AutoModel entry must be there too, because
-        # vLLM's Transformers backend loads the base model through it.
-        kwargs["auto_map"] = {"AutoModel": "modeling_kvtrade.KVTradeModel", **(kwargs.get("auto_map") or {})}
+        # What a saved folder loads with `trust_remote_code=True`, where hf_kvtrade is not installed (the Hub
+        # path). vLLM's Transformers backend loads the base model through the AutoModel entry.
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": "configuration_kvtrade.KVTradeConfig",
+                "AutoModel": "modeling_kvtrade.KVTradeModel",
+                "AutoModelForCausalLM": "modeling_kvtrade.KVTradeForCausalLM",
+            },
+        )
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -107,6 +86,8 @@ class KVTradeConfig(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if getattr(self, "attention_bias", False):
+            raise ValueError("attention_bias is not supported: Mistral's attention layers have no biases")
 
 
 __all__ = ["KVTradeConfig"]

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 # Order: the cheap, central comparisons first, so a failure late in the run still leaves them in the report.
-SECTIONS = ("stream", "batch", "gqa", "cache", "attention", "serve", "attention_map")
+SECTIONS = ("stream", "batch", "gqa", "cache", "orderbook", "attention", "serve", "attention_map")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

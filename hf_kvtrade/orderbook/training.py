@@ -98,11 +98,11 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
     """Trains a fresh model on the training period of ``frame`` (tick features) and saves it with its tokenizer."""
     import torch
     from datasets import Dataset
-    from transformers import Trainer, default_data_collator, set_seed
+    from transformers import set_seed
 
     from .. import register_auto_classes
     from ..modeling_kvtrade import KVTradeForCausalLM
-    from ..training import _training_arguments
+    from ..training import validated_trainer
 
     # The saved folder then carries the model code and auto_map, as the shipped price model does.
     register_auto_classes()
@@ -120,16 +120,16 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
     model = KVTradeForCausalLM(build_config(tokenizer))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvtrade-orderbook-") as scratch:
-        arguments = _training_arguments(scratch, max_steps, learning_rate, batch_size=batch_size, weight_decay=0.1, warmup=0.05,
-                                        eval_steps=eval_steps, seed=seed, logging_steps=eval_steps, use_cpu=not torch.cuda.is_available())  # fmt: skip
-        trainer = Trainer(model=model, args=arguments, train_dataset=dataset(train_ids, train_labels),
-                          eval_dataset=dataset(validation_ids, validation_labels), data_collator=default_data_collator)  # fmt: skip
+        trainer = validated_trainer(
+            model, scratch, dataset(train_ids, train_labels), dataset(validation_ids, validation_labels),
+            max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+            use_cpu=not torch.cuda.is_available(), warmup=0.05, weight_decay=0.1, eval_steps=eval_steps,
+            logging_steps=eval_steps,
+        )  # fmt: skip
         initial_loss = trainer.evaluate()["eval_loss"]
         trainer.train()
         best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
     model = trainer.model
-    # The Trainer switches the cache off for training; the analyzer and vLLM want it on.
-    model.config.use_cache = True
     model.config.training_context_length = policy.window
     model.config.context_stride = policy.stride
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
