@@ -16,6 +16,9 @@ One run, one machine, every comparison side by side:
     bar of a real series (``--stream-series``, ``--stream-bars``), through the server (``usage.prompt_tokens_details
     .cached_tokens``) and through the offline engine (``RequestOutput.num_cached_tokens``), with the policy's
     prompts; and the latency of a new-bar request with its history cached against a reset cache.
+(d) ``fairness``: p99 latency of one-token forecasts while heavy sampled-path requests, each at the server's
+    per-request token budget, run concurrently against the real `kvtrade serve` (target: below 1 s), and a request
+    over the budget refused (``_fairness``).
 
 Price histories in (a) and (b) are seeded geometric random walks (cost does not depend on the prices), of
 lengths spread over one rebase stride so that the windows cover every context length the policy produces.
@@ -36,9 +39,10 @@ from pathlib import Path
 from typing import Self
 
 from ..checkpoint import SHIPPED_CHECKPOINT
+from . import _fairness
 from ._common import context_list
 
-SECTIONS = ("throughput", "load", "prefix")
+SECTIONS = ("throughput", "load", "prefix", "fairness")
 QUICK = {"symbols": 8, "stream_bars": 400, "concurrency": (8, 32), "rounds": 1}
 DEFAULT_JSON = "out/bench/serve.json"
 QUANTILES = (0.05, 0.5, 0.95)
@@ -77,6 +81,7 @@ def add_arguments(parser) -> None:
         f"{','.join(map(str, QUICK['concurrency']))}, {QUICK['rounds']} round",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slower start)")
+    _fairness.add_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -125,7 +130,7 @@ def run(args) -> int:
     if "throughput" in sections or "prefix" in sections:
         payload.update(_offline_sections(args, checkpoint, sections))
     payload["setup"]["load_average"]["before_server"] = list(os.getloadavg())
-    if "load" in sections or "prefix" in sections:
+    if {"load", "prefix", "fairness"} & set(sections):
         for key, value in _server_sections(args, checkpoint, sections).items():
             payload.setdefault(key, {}).update(value)
     if "load" in sections:
@@ -462,7 +467,7 @@ class ServerProcess:
 def _server_sections(args, checkpoint: Path, sections) -> dict:
     from ..client import ForecastClient
     from ..forecasting import Forecaster
-    from ..serving import server_command, server_environment
+    from ..serving import DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, server_command, server_environment
 
     results: dict = {}
     port = free_port()
@@ -478,6 +483,14 @@ def _server_sections(args, checkpoint: Path, sections) -> dict:
                 hf = Forecaster.from_pretrained(checkpoint)  # only its encode_context: windows asserted equal
                 results["horizon1_server"] = _server_logprobs_cost(args, client, hf)
                 results["load"] = {"vllm_server": _vllm_load(args, client, hf)}
+            if "fairness" in sections:
+                print("fairness: one-token forecasts beside heavy sampled-path requests at the budget", flush=True)
+                results["fairness"] = asyncio.run(
+                    _fairness.measure(
+                        f"http://127.0.0.1:{port}/v1/completions", client.model, client.tokenizer,
+                        DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, args,
+                    )
+                )  # fmt: skip
     return results
 
 
@@ -755,6 +768,9 @@ def summary(payload: dict) -> str:
                     f"p50 {result['p50_ms'] or float('nan'):.0f} ms, p99 {result['p99_ms'] or float('nan'):.0f} ms, "
                     f"{result['completed']}/{result['requests']} ok"
                 )
+    if "fairness" in payload:
+        machine = payload["machine"]
+        lines += _fairness.report(payload["fairness"], f"{machine['cpu']}, {machine['cores']} cores")
     if "prefix" in payload:
         prefix = payload["prefix"]
         lines.append(
