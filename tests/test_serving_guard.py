@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_kvtrade.serving import MAX_REQUEST_TOKENS_ENV, MAX_SAMPLES_ENV, PromptGuard, prompt_problem, server_environment
+from hf_kvtrade.serving import (
+    MAX_REQUEST_TOKENS_ENV,
+    MAX_SAMPLES_ENV,
+    PromptGuard,
+    prompt_problem,
+    server_environment,
+)
 
 VOCAB_SIZE = 1028
 RULE = (

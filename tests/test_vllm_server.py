@@ -206,8 +206,10 @@ BAD_REQUESTS = {
     "max_tokens past the context": ({"prompt": [1, 500], "max_tokens": 2000}, "cannot be greater than max_model_len"),
     "work over the budget": (
         {"prompt": [1, 500], "n": 64, "max_tokens": 255},
-        f"n x (prompt tokens + max_tokens) = 64 x (2 + 255) = 16448 tokens, above this server's limit of "
-        f"{MAX_REQUEST_TOKENS} tokens per request (kvtrade serve --max-request-tokens)",
+        (
+            f"n x (prompt tokens + max_tokens) = 64 x (2 + 255) = 16448 tokens, above this server's limit of "
+            f"{MAX_REQUEST_TOKENS} tokens per request (kvtrade serve --max-request-tokens)"
+        ),
     ),
     "a batch over the budget": ({"prompt": [[1, 500]] * 160, "max_tokens": 101}, "= 16480 tokens, above"),
     "n as a float": ({"prompt": [1, 500], "n": 4096.0}, "n is the float 4096.0, not an integer"),

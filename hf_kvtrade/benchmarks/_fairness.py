@@ -18,6 +18,12 @@ TARGET_P99_S = 1.0
 
 
 def add_arguments(parser) -> None:
+    from ..serving import DEFAULT_MAX_REQUEST_TOKENS
+
+    parser.add_argument(
+        "--fairness-max-request-tokens", type=int, default=DEFAULT_MAX_REQUEST_TOKENS,
+        help="the token budget of the server this section starts (default: kvtrade serve's, %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--fairness-heavy-clients", type=int, default=2, help="clients sending heavy requests")
     parser.add_argument(
         "--fairness-heavy-prompt", type=int, default=128, help="prompt tokens of a heavy request (default: %(default)s)"
@@ -145,12 +151,14 @@ def report(result: dict, machine_label: str) -> list[str]:
     heavy, light, over = result["heavy"], result["light"], result["over_budget"]
     verdict = "met" if result["target"]["met"] else "MISSED"
     return [
-        f"Fairness: one-token forecasts ({light['prompt_tokens']}-token prompts) p50 {light['idle_p50_ms']:.0f} ms, "
-        f"p99 {light['idle_p99_ms']:.0f} ms on an idle server; p50 {light['loaded_p50_ms']:.0f} ms, p99 "
-        f"{light['loaded_p99_ms']:.0f} ms (max {light['loaded_max_ms']:.0f} ms) while {heavy['clients']} clients send "
-        f"sampled paths at the budget (n={heavy['n']}, {heavy['prompt_tokens']}-token prompts, {heavy['max_tokens']} "
-        f"steps: {heavy['work_tokens']} of {result['budget_tokens']} tokens; {heavy['completed_during_the_light_phase']} "
-        f"finished, {heavy['sampled_tokens_per_s']:.0f} sampled tokens/s).",
+        (
+            f"Fairness: one-token forecasts ({light['prompt_tokens']}-token prompts) p50 {light['idle_p50_ms']:.0f} ms, "
+            f"p99 {light['idle_p99_ms']:.0f} ms on an idle server; p50 {light['loaded_p50_ms']:.0f} ms, p99 "
+            f"{light['loaded_p99_ms']:.0f} ms (max {light['loaded_max_ms']:.0f} ms) while {heavy['clients']} clients send "
+            f"sampled paths at the budget (n={heavy['n']}, {heavy['prompt_tokens']}-token prompts, {heavy['max_tokens']} "
+            f"steps: {heavy['work_tokens']} of {result['budget_tokens']} tokens; {heavy['completed_during_the_light_phase']} "
+            f"finished, {heavy['sampled_tokens_per_s']:.0f} sampled tokens/s)."
+        ),
         f"  target p99 < {TARGET_P99_S:.0f} s under load: {verdict} (on {machine_label})",
         f"  a request of {over['work_tokens']} tokens, over the budget: HTTP {over['status']}: {over['message']}",
     ]

@@ -24,6 +24,7 @@ of a window.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
@@ -129,7 +130,11 @@ def run(args) -> int:
     from ..context import ContextPolicy
     from ..data import load_series
     from ..data.windows import tokenize_period
-    from ..evaluation import model_forecast, returns_and_test_start, unconditional_forecast
+    from ..evaluation import (
+        model_forecast,
+        returns_and_test_start,
+        unconditional_forecast,
+    )
     from ._common import machine_info, percentile_ms, write_json
 
     if args.long_windows < 1:
@@ -176,7 +181,7 @@ def run(args) -> int:
             model.set_attn_implementation(_attention_for(policy))
             started = time.perf_counter()
             distribution, seconds, peak_bytes, peak_tokens = _stream(
-                model, tokenizer, lambda: build_cache(model.config, policy, **cache_kwargs[policy]), ids, first_target,
+                model, tokenizer, partial(build_cache, model.config, policy, **cache_kwargs[policy]), ids, first_target,
                 context.start, prefill_chunk=None,
             )
             nll[policy][name] = -distribution.log_density(target_returns)
@@ -215,7 +220,7 @@ def run(args) -> int:
         ids, first_target, target_returns, *_ = series[name]
         started = time.perf_counter()
         distribution, seconds, peak_bytes, peak_tokens = _stream(
-            model, tokenizer, lambda: build_cache(model.config, "sink", **cache_kwargs["sink"]), ids, first_target,
+            model, tokenizer, partial(build_cache, model.config, "sink", **cache_kwargs["sink"]), ids, first_target,
             lambda target, stream_start=first_target - long_ticks: stream_start, prefill_chunk=1,
         )
         sink_nll[name] = -distribution.log_density(target_returns)

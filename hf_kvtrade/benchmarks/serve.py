@@ -27,6 +27,7 @@ lengths spread over one rebase stride so that the windows cover every context le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -308,8 +309,7 @@ def flat_next_token_probs(vllm, prompts):
 
 
 def _forecasts_from_probs(hf, probs, histories):
-    from ..distribution import BinnedDistribution
-    from ..distribution import Forecast
+    from ..distribution import BinnedDistribution, Forecast
 
     return [
         Forecast.from_distribution(BinnedDistribution.from_token_probs(row, hf.tokenizer), prices[-1], QUANTILES)
@@ -464,34 +464,58 @@ class ServerProcess:
             pass
 
 
-def _server_sections(args, checkpoint: Path, sections) -> dict:
-    from ..client import ForecastClient
-    from ..forecasting import Forecaster
-    from ..serving import DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, server_command, server_environment
+@contextlib.contextmanager
+def _kvtrade_serve(args, checkpoint: Path, environment: dict):
+    """A `kvtrade serve` server on a free local port for the ``with`` block; yields its base URL."""
+    from ..serving import server_command
 
-    results: dict = {}
     port = free_port()
     command = server_command(checkpoint, port=port, enforce_eager=not args.compile)
     with tempfile.TemporaryDirectory() as scratch:
         print(f"starting `kvtrade serve` on 127.0.0.1:{port}", flush=True)
-        with ServerProcess(command, f"http://127.0.0.1:{port}/health", Path(scratch) / "vllm.log",
-                           server_environment(), "vLLM"):  # fmt: skip
-            client = ForecastClient(f"http://127.0.0.1:{port}/v1", checkpoint, timeout=args.level_timeout)
+        with ServerProcess(command, f"http://127.0.0.1:{port}/health", Path(scratch) / "vllm.log", environment, "vLLM"):
+            yield f"http://127.0.0.1:{port}"
+
+
+def _server_sections(args, checkpoint: Path, sections) -> dict:
+    from ..client import ForecastClient
+    from ..context import ContextPolicy
+    from ..forecasting import Forecaster
+    from ..serving import DEFAULT_MAX_REQUEST_TOKENS, server_environment
+
+    results: dict = {}
+    if {"load", "prefix"} & set(sections):
+        # These sections measure capacity, not fairness: their server admits the largest request they send (SYMBOLS
+        # horizon-1 prompts in one request, PATHS samples of one prompt), each of up to a policy window.
+        window = ContextPolicy.from_pretrained(checkpoint).window
+        capacity = max(DEFAULT_MAX_REQUEST_TOKENS, max(args.symbols, args.paths) * window)
+        with _kvtrade_serve(args, checkpoint, server_environment(max_request_tokens=capacity)) as base_url:
+            client = ForecastClient(f"{base_url}/v1", checkpoint, timeout=args.level_timeout, max_request_tokens=capacity)
             if "prefix" in sections:
                 results["prefix_hits"] = {"server": _server_stream(args, client)}
             if "load" in sections:
                 hf = Forecaster.from_pretrained(checkpoint)  # only its encode_context: windows asserted equal
                 results["horizon1_server"] = _server_logprobs_cost(args, client, hf)
                 results["load"] = {"vllm_server": _vllm_load(args, client, hf)}
-            if "fairness" in sections:
-                print("fairness: one-token forecasts beside heavy sampled-path requests at the budget", flush=True)
-                results["fairness"] = asyncio.run(
-                    _fairness.measure(
-                        f"http://127.0.0.1:{port}/v1/completions", client.model, client.tokenizer,
-                        DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, args,
-                    )
-                )  # fmt: skip
+    if "fairness" in sections:
+        results["fairness"] = _fairness_section(args, checkpoint)
     return results
+
+
+def _fairness_section(args, checkpoint: Path) -> dict:
+    """The fairness scenario against a `kvtrade serve` with its default sample limit and the budget asked for."""
+    from ..serving import DEFAULT_MAX_SAMPLES, server_environment
+    from ..tokenization_kvtrade import ReturnTokenizer
+
+    budget = args.fairness_max_request_tokens
+    with _kvtrade_serve(args, checkpoint, server_environment(max_request_tokens=budget)) as base_url:
+        print("fairness: one-token forecasts beside heavy sampled-path requests at the budget", flush=True)
+        return asyncio.run(
+            _fairness.measure(
+                f"{base_url}/v1/completions", checkpoint.name, ReturnTokenizer.from_pretrained(checkpoint),
+                budget, DEFAULT_MAX_SAMPLES, args,
+            )
+        )  # fmt: skip
 
 
 def _server_logprobs_cost(args, client, hf) -> dict:

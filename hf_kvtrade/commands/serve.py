@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from ..serving import DEFAULT_HOST, DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, DEFAULT_PORT
+    from ..serving import (
+        DEFAULT_HOST,
+        DEFAULT_MAX_REQUEST_TOKENS,
+        DEFAULT_MAX_SAMPLES,
+        DEFAULT_PORT,
+    )
 
     parser = subparsers.add_parser(
         "serve", help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)"
