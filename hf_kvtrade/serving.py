@@ -88,7 +88,7 @@ class PromptGuard:
                 return f"{name} is {_describe(value)}, not an integer", name
         n = request.get("n", 1)
         if n > self.max_samples:
-            return f"n is {n}, above this server's limit of {self.max_samples} samples per request", "n"
+            return f"n is {_show(n)}, above this server's limit of {self.max_samples} samples per request", "n"
         # A request without a prompt is vLLM's to refuse: it names prompt_embeds as the alternative.
         if "prompt" not in request:
             return None

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hf_kvtrade.serving import (
     MAX_REQUEST_TOKENS_ENV,
     MAX_SAMPLES_ENV,
+    VLLM_DEFAULT_MAX_TOKENS,
     PromptGuard,
     prompt_problem,
     server_environment,
@@ -123,6 +124,12 @@ NOT_INTEGERS = {
 @pytest.mark.parametrize("body, message, parameter", NOT_INTEGERS.values(), ids=NOT_INTEGERS.keys())
 def test_n_and_max_tokens_must_be_integers_or_vllm_would_coerce_them_past_the_caps(guard, body, message, parameter):
     assert guard.find_problem(body, VOCAB_SIZE) == (message, parameter)
+
+
+def test_the_default_max_tokens_is_vllms():
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    assert CompletionRequest.model_fields["max_tokens"].default == VLLM_DEFAULT_MAX_TOKENS
 
 
 def test_server_environment_carries_the_caps():
