@@ -41,7 +41,7 @@ CPU_BLOCK_SIZE = 32
 MAX_BATCHED_TOKENS = 8192
 # The work one request may ask for, n x (prompt tokens + max_tokens): one engine step's worth. On the 2-core CPU
 # this keeps the p99 latency of one-token forecasts below 1 s while clients send sampled paths at the budget
-# (`kvtrade bench serve --sections fairness`; docs/serving.md); a budget of 32768 let it reach 7 s.
+# (`kvtrade bench serve --sections fairness`; docs/serving.md); a budget of 32768 let it reach 8 s.
 DEFAULT_MAX_REQUEST_TOKENS = MAX_BATCHED_TOKENS
 
 
