@@ -18,6 +18,7 @@ import numpy as np
 
 from .context import ContextPolicy
 from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast, PathSampling
+from .serving import DEFAULT_MAX_REQUEST_TOKENS
 from .tokenization_kvtrade import ReturnTokenizer
 
 
@@ -98,7 +99,10 @@ class ForecastClient(_VLLMForecasting):
 
     ``checkpoint`` is the served checkpoint's folder: its tokenizer and context policy turn prices into prompts
     (only its JSON files are read). The server's ``max_model_len`` must be the policy's window. ``model``
-    defaults to the one model the server serves.
+    defaults to the one model the server serves. ``max_request_tokens`` is the server's per-request budget
+    (`kvtrade serve --max-request-tokens`): a batch or a sample count whose work ``n x (prompt tokens +
+    max_tokens)`` exceeds it goes out as several requests, one after the other, each within it; the samples of
+    request ``j`` of a seeded call use ``seed + j``.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class ForecastClient(_VLLMForecasting):
         api_key: str | None = None,
         model: str | None = None,
         timeout: float = 120.0,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     ):
         from openai import OpenAI
 
@@ -120,6 +125,12 @@ class ForecastClient(_VLLMForecasting):
         self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
         self.context_policy = ContextPolicy.from_pretrained(checkpoint)
         self._check_max_model_len(served[self.model].model_extra["max_model_len"], f"the server at {base_url}")
+        if max_request_tokens < self.context_policy.window:
+            raise ValueError(
+                f"max_request_tokens ({max_request_tokens}) must hold one prompt of the {self.context_policy.window}"
+                "-token window and its forecast"
+            )
+        self.max_request_tokens = max_request_tokens
 
     def complete(self, prompts: list[list[int]], **params):
         """One `/v1/completions` call for a batch of token-id prompts; results come back as token ids."""
@@ -127,7 +138,21 @@ class ForecastClient(_VLLMForecasting):
         extra_body.update(params.pop("extra_body", {}))
         return self.openai.completions.create(model=self.model, prompt=prompts, extra_body=extra_body, **params)
 
+    def _within_budget(self, prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+        """``prompts`` in consecutive groups whose work ``sum(len(prompt) + max_tokens)`` fits the server's budget."""
+        groups, work = [[]], 0
+        for prompt in prompts:
+            if groups[-1] and work + len(prompt) + max_tokens > self.max_request_tokens:
+                groups.append([])
+                work = 0
+            groups[-1].append(prompt)
+            work += len(prompt) + max_tokens
+        return groups
+
     def next_token_probs(self, prompts):
+        return np.concatenate([self._next_token_probs(group) for group in self._within_budget(prompts, 1)])
+
+    def _next_token_probs(self, prompts):
         response = self.complete(prompts, max_tokens=1, logprobs=self.tokenizer.vocab_size)
         choices = sorted(response.choices, key=lambda choice: choice.index)
         # With return_tokens_as_token_ids the keys read "token_id:<id>".
@@ -141,6 +166,23 @@ class ForecastClient(_VLLMForecasting):
         )
 
     def sample_paths(self, prompts, horizon, num_samples, seed):
+        if num_samples * sum(len(prompt) + horizon for prompt in prompts) <= self.max_request_tokens:
+            return self._sample_paths(prompts, horizon, num_samples, seed)
+        paths = []
+        for prompt in prompts:
+            per_request = self.max_request_tokens // (len(prompt) + horizon)
+            chunks = [min(per_request, num_samples - start) for start in range(0, num_samples, per_request)]
+            paths.append(
+                np.concatenate(
+                    [
+                        self._sample_paths([prompt], horizon, chunk, None if seed is None else seed + index)[0]
+                        for index, chunk in enumerate(chunks)
+                    ]
+                )
+            )
+        return np.stack(paths)
+
+    def _sample_paths(self, prompts, horizon, num_samples, seed):
         sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
         response = self.complete(prompts, extra_body=sampling.vllm_kwargs())
         # Choices of prompt i are indices i * n .. i * n + n - 1.

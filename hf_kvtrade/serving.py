@@ -4,8 +4,15 @@ The checkpoint is served without a text tokenizer (prompts are lists of return-b
 vLLM does not check token ids: on the CPU engine a single id outside the vocabulary kills the worker and the
 server with it. ``PromptGuard`` is an ASGI middleware, loaded by vLLM's own ``--middleware`` option, that rejects
 such requests with a 400 before the engine sees them, and with them every other prompt that is not token ids, which
-vLLM would coerce (``"5"`` and ``5.0`` pass as id 5) or fail on with a 500. Everything else vLLM validates itself
-(too long prompts, ``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
+vLLM would coerce (``"5"`` and ``5.0`` pass as id 5) or fail on with a 500.
+
+The guard also keeps the server fair. vLLM schedules first come, first served, so one request that asks for a
+great many sampled tokens holds the engine's sequence slots while every request behind it waits: a one-token
+forecast once waited 12 s behind ``n=1024, max_tokens=8000``. The guard therefore caps the work of one request,
+``n x (prompt tokens + max_tokens)`` summed over its prompts, at a token budget (``kvtrade serve
+--max-request-tokens``), and it caps ``n`` (``--max-samples``); both must be JSON integers, as vLLM would otherwise
+coerce ``"5000"`` and ``5000.0`` past the caps. Everything else vLLM validates itself (too long prompts,
+``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
 """
 
 from __future__ import annotations
@@ -21,27 +28,37 @@ from .tokenization_kvtrade import ReturnTokenizer
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_SAMPLES = 1024
+# vLLM's own default when a completion request leaves max_tokens out or null.
+VLLM_DEFAULT_MAX_TOKENS = 16
 # The guard runs inside the server process, which vLLM starts from its own command line; this is how
-# `kvtrade serve --max-samples` reaches it.
+# `kvtrade serve --max-samples` and `--max-request-tokens` reach it.
 MAX_SAMPLES_ENV = "KVTRADE_MAX_SAMPLES"
+MAX_REQUEST_TOKENS_ENV = "KVTRADE_MAX_REQUEST_TOKENS"
 GUARDED_PATHS = ("/v1/completions",)
 # The CPU attention backend only accepts block sizes that are multiples of 32.
 CPU_BLOCK_SIZE = 32
 # Tokens the engine may schedule in one step: many whole prompts of the policy's window at once.
 MAX_BATCHED_TOKENS = 8192
+# The work one request may ask for, n x (prompt tokens + max_tokens): one engine step's worth. On the 2-core CPU
+# this keeps the p99 latency of one-token forecasts below 1 s while clients send sampled paths at the budget
+# (`kvtrade bench serve --sections fairness`; docs/serving.md); a budget of 32768 let it reach 8 s.
+DEFAULT_MAX_REQUEST_TOKENS = MAX_BATCHED_TOKENS
 
 
 class PromptGuard:
     """Pure ASGI middleware that checks ``/v1/completions`` bodies before vLLM parses them.
 
-    Rejects, with vLLM's own error format and a 400: any ``prompt`` that ``prompt_problem`` refuses, and ``n`` above
-    the server's sample limit (one request would otherwise queue an unbounded number of sequences). The vocabulary
-    size comes from the served model's config in ``app.state.vllm_config``.
+    Rejects, with vLLM's own error format and a 400: any ``prompt`` that ``prompt_problem`` refuses, ``n`` or
+    ``max_tokens`` that are not JSON integers, ``n`` above the server's sample limit, and a request whose work
+    ``n x (prompt tokens + max_tokens)`` exceeds the server's per-request token budget (one request would otherwise
+    hold the engine while every other waits). The vocabulary size comes from the served model's config in
+    ``app.state.vllm_config``.
     """
 
     def __init__(self, app) -> None:
         self.app = app
         self.max_samples = int(os.environ.get(MAX_SAMPLES_ENV, DEFAULT_MAX_SAMPLES))
+        self.max_request_tokens = int(os.environ.get(MAX_REQUEST_TOKENS_ENV, DEFAULT_MAX_REQUEST_TOKENS))
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in GUARDED_PATHS:
@@ -65,15 +82,36 @@ class PromptGuard:
             return None
         if not isinstance(request, dict):
             return None
-        n = request.get("n")
-        if isinstance(n, int) and n > self.max_samples:
-            return f"n is {n}, above this server's limit of {self.max_samples} samples per request", "n"
+        for name in ("n", "max_tokens"):
+            value = request.get(name)
+            if value is not None and not _is_integer(value):
+                return f"{name} is {_describe(value)}, not an integer", name
+        n = request.get("n", 1)
+        if n > self.max_samples:
+            return f"n is {_show(n)}, above this server's limit of {self.max_samples} samples per request", "n"
         # A request without a prompt is vLLM's to refuse: it names prompt_embeds as the alternative.
-        if "prompt" in request:
-            problem = prompt_problem(request["prompt"], vocab_size)
-            if problem is not None:
-                return problem, "prompt"
+        if "prompt" not in request:
+            return None
+        prompt = request["prompt"]
+        problem = prompt_problem(prompt, vocab_size)
+        if problem is not None:
+            return problem, "prompt"
+        max_tokens = request.get("max_tokens")
+        max_tokens = VLLM_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        prompts = prompt if isinstance(prompt[0], list) else [prompt]
+        work = n * sum(len(ids) + max_tokens for ids in prompts)
+        if work > self.max_request_tokens:
+            return (
+                f"this request asks for n x (prompt tokens + max_tokens) = {n} x "
+                f"{' + '.join(f'({len(ids)} + {max_tokens})' for ids in prompts[:3])}{' + ...' * (len(prompts) > 3)} "
+                f"= {work} tokens, above this server's limit of {self.max_request_tokens} tokens per request "
+                "(kvtrade serve --max-request-tokens): ask for fewer samples or tokens, or split the request"
+            ), "n"
         return None
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true parses to True, an int.
 
 
 def prompt_problem(prompt, vocab_size: int) -> str | None:
@@ -117,7 +155,7 @@ def _ids_problem(ids, where: str, vocab_size: int, not_a_list: str, nested: str)
         here = f"{where}[{index}]"
         if isinstance(token, list):
             return f"{here} is {nested}"
-        if not isinstance(token, int) or isinstance(token, bool):  # JSON true parses to True, an int.
+        if not _is_integer(token):
             return _value_problem(token, here, "not a token id")
         if not 0 <= token < vocab_size:
             return f"{here} is token id {_show(token)}, outside this model's vocabulary"
@@ -127,17 +165,23 @@ def _ids_problem(ids, where: str, vocab_size: int, not_a_list: str, nested: str)
 def _value_problem(value, where: str, expected: str) -> str:
     if isinstance(value, str):
         return f"{where} is text ({_show(value)}), and this server has no text tokenizer"
+    return f"{where} is {_describe(value)}, {expected}"
+
+
+def _describe(value) -> str:
+    if isinstance(value, str):
+        return f"text ({_show(value)})"
     if isinstance(value, bool):
-        kind = f"the boolean {_show(value)}"
-    elif isinstance(value, int):
-        kind = f"token id {_show(value)}"
-    elif isinstance(value, float):
-        kind = f"the float {_show(value)}"
-    elif isinstance(value, dict):
-        kind = "a JSON object"
-    else:
-        kind = "null"
-    return f"{where} is {kind}, {expected}"
+        return f"the boolean {_show(value)}"
+    if isinstance(value, int):
+        return f"token id {_show(value)}"
+    if isinstance(value, float):
+        return f"the float {_show(value)}"
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a list"
+    return "null"
 
 
 def _show(value, limit: int = 40) -> str:
@@ -245,12 +289,18 @@ def server_command(
     return command
 
 
-def server_environment(max_samples: int = DEFAULT_MAX_SAMPLES) -> dict[str, str]:
-    """Environment for the server process: the guard's sample limit, and a 1 GiB KV cache unless set already
-    (vLLM's CPU worker would otherwise reserve most of the machine's memory)."""
+def server_environment(
+    max_samples: int = DEFAULT_MAX_SAMPLES, max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
+) -> dict[str, str]:
+    """Environment for the server process: the guard's sample limit and token budget, and a 1 GiB KV cache unless
+    set already (vLLM's CPU worker would otherwise reserve most of the machine's memory)."""
+    for name, value in (("max_samples", max_samples), ("max_request_tokens", max_request_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     environment = dict(os.environ)
     environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     environment[MAX_SAMPLES_ENV] = str(max_samples)
+    environment[MAX_REQUEST_TOKENS_ENV] = str(max_request_tokens)
     return environment
 
 
@@ -275,6 +325,7 @@ Serving {model} at {base_url} (OpenAI-compatible; prompts are ReturnTokenizer to
 
 __all__ = [
     "DEFAULT_HOST",
+    "DEFAULT_MAX_REQUEST_TOKENS",
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_PORT",
     "PromptGuard",

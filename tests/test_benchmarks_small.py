@@ -104,27 +104,6 @@ def test_bench_cli_writes_json(tmp_path, tiny_checkpoint):
     assert len(summary["weights_by_lag"]) == summary["context_length"] <= 23 and "map" not in summary
 
 
-def test_cache_bench_measures_bytes_at_marks_that_are_no_multiple_of_its_chunk():
-    import torch
-
-    from hf_kvtrade import KVTradeForCausalLM
-    from hf_kvtrade.benchmarks.cache import _stream_in_chunks, _token_nll
-    from hf_kvtrade.cache import build_cache
-
-    torch.manual_seed(0)
-    model = KVTradeForCausalLM(load_preset("tiny")).eval()
-    ticks = torch.randint(4, model.config.vocab_size, (1, 100))
-    # A 16-token full cache doubles as it fills (32 tokens at the first mark, 128 at the second), as nbytes shows.
-    cache = build_cache(model.config, "full", capacity=16)
-    nll, nbytes = _stream_in_chunks(model, cache, ticks, chunk=32, marks=(25, 100))
-    # 25 = a quarter of the stream, as the default 100,000-tick run asks for 25,000 with chunks of 32.
-    assert set(nbytes) == {25, 100} and nbytes[25] < nbytes[100]
-    # Cutting the stream at the marks changes nothing: the full cache's chunked NLL is one forward pass's.
-    with torch.no_grad():
-        whole = _token_nll(model(ticks).logits[0, :-1], ticks[0, 1:])
-    np.testing.assert_allclose(nll, whole, rtol=1e-4, atol=1e-4)
-
-
 def test_batch_bench_runs_both_paths_on_the_same_sessions(tmp_path, tiny_checkpoint):
     from hf_kvtrade.benchmarks import batch
 
@@ -142,3 +121,28 @@ def test_batch_bench_runs_both_paths_on_the_same_sessions(tmp_path, tiny_checkpo
     assert three["batched_ticks_per_s"] > 0 and three["sequential_ticks_per_s"] > 0
     assert report["target"] == {"symbols": 64, "speedup": 8.0, "verdict": None}
     assert MACHINE_KEYS <= set(report["machine"])
+
+
+def test_cache_bench_scores_every_policy_in_nats_per_bar(tmp_path, tiny_checkpoint):
+    """`kvtrade bench cache` end to end with a tiny window (24 tokens), through the code the defaults run."""
+    out = tmp_path / "cache.json"
+    main(["bench", "cache", "--checkpoint", str(tiny_checkpoint), "--series", "sp500", "--json", str(out)])
+    result = json.loads(out.read_text())
+    window, long_stream = result["window"], result["long_stream"]
+    assert set(window) == {"full", "int8", "int4", "sink", "selective"} and result["bounded_budget_tokens"] == 6
+    # The full cache, rebased by the policy, is the context-policy forecast of `kvtrade evaluate`.
+    assert window["full"]["max_abs_nll_gap_to_context_policy_forecast"] < 1e-4
+    assert window["full"]["nll_change"] == 0.0 and window["full"]["tokens_held"] == 23
+    for policy in ("sink", "selective"):
+        assert window[policy]["tokens_held"] == 6
+        assert window[policy]["bytes_held"] < window["full"]["bytes_held"] / 3
+    for policy, row in window.items():
+        assert row["edge"] == pytest.approx(window["full"]["edge"])
+        assert np.isfinite(row["nll_change"]) and row["p50_ms"] > 0
+        assert ("target" in row) == (policy != "full")
+        if row["share_of_edge"] is not None:
+            assert row["share_of_edge"] == pytest.approx(row["nll_change"] / row["edge"])
+            assert row["target"]["met"] == (row["share_of_edge"] <= row["target"]["limit"])
+    assert long_stream["stream_ticks_before_first_scored_bar"] == 8 * 24 and long_stream["series"] == ["sp500"]
+    assert long_stream["tokens_held"] == 6 and np.isfinite(long_stream["nll_change"])
+    assert MACHINE_KEYS <= set(result["machine"])

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_kvtrade.serving import MAX_SAMPLES_ENV, PromptGuard, prompt_problem
+from hf_kvtrade.serving import (
+    MAX_REQUEST_TOKENS_ENV,
+    MAX_SAMPLES_ENV,
+    VLLM_DEFAULT_MAX_TOKENS,
+    PromptGuard,
+    prompt_problem,
+    server_environment,
+)
 
 VOCAB_SIZE = 1028
 RULE = (
@@ -52,6 +59,7 @@ def test_token_ids_pass(prompt):
 @pytest.fixture
 def guard(monkeypatch):
     monkeypatch.setenv(MAX_SAMPLES_ENV, "64")
+    monkeypatch.setenv(MAX_REQUEST_TOKENS_ENV, "1000")
     return PromptGuard(app=None)
 
 
@@ -74,6 +82,61 @@ def test_the_guard_names_the_parameter(guard):
     text_among_ids = prompt_problem(["1", 5, 1], VOCAB_SIZE)
     assert guard.find_problem(b'{"prompt": ["1", 5, 1]}', VOCAB_SIZE) == (text_among_ids, "prompt")
     assert guard.find_problem(b'{"prompt": null}', VOCAB_SIZE)[1] == "prompt"
+
+
+WORK_OVER_THE_BUDGET = {
+    "many samples": (
+        b'{"prompt": [1, 2, 3], "n": 50, "max_tokens": 18}',
+        "n x (prompt tokens + max_tokens) = 50 x (3 + 18) = 1050 tokens, above this server's limit of 1000 tokens",
+    ),
+    "a batch": (
+        b'{"prompt": [[1, 2], [3]], "n": 40, "max_tokens": 12}',
+        "= 40 x (2 + 12) + (1 + 12) = 1080 tokens",
+    ),
+    "vLLM's default max_tokens": (b'{"prompt": [1], "n": 64}', "= 64 x (1 + 16) = 1088 tokens"),
+    "null max_tokens is vLLM's default": (b'{"prompt": [1], "n": 64, "max_tokens": null}', "= 64 x (1 + 16) = 1088"),
+    "long generation": (b'{"prompt": [1], "max_tokens": 1000}', "= 1 x (1 + 1000) = 1001 tokens"),
+}
+
+
+@pytest.mark.parametrize("body, message", WORK_OVER_THE_BUDGET.values(), ids=WORK_OVER_THE_BUDGET.keys())
+def test_work_over_the_budget_is_refused_naming_the_limit(guard, body, message):
+    problem, parameter = guard.find_problem(body, VOCAB_SIZE)
+    assert message in problem and "kvtrade serve --max-request-tokens" in problem and parameter == "n"
+
+
+def test_work_up_to_the_budget_passes(guard):
+    assert guard.find_problem(b'{"prompt": [1, 2, 3, 4], "n": 40, "max_tokens": 21}', VOCAB_SIZE) is None
+    # Negative or zero values are vLLM's to refuse, with its own message.
+    assert guard.find_problem(b'{"prompt": [1], "n": 10, "max_tokens": -5}', VOCAB_SIZE) is None
+    assert guard.find_problem(b'{"prompt": [1], "n": -3, "max_tokens": 5000}', VOCAB_SIZE) is None
+
+
+NOT_INTEGERS = {
+    "float n": (b'{"prompt": [1], "n": 5000.0}', "n is the float 5000.0, not an integer", "n"),
+    "text n": (b'{"prompt": [1], "n": "5000"}', 'n is text ("5000"), not an integer', "n"),
+    "boolean n": (b'{"prompt": [1], "n": true}', "n is the boolean true, not an integer", "n"),
+    "list max_tokens": (b'{"prompt": [1], "max_tokens": [8]}', "max_tokens is a list, not an integer", "max_tokens"),
+    "float max_tokens": (b'{"prompt": [1], "max_tokens": 1e9}', "max_tokens is the float 1000000000.0, not an integer", "max_tokens"),
+}
+
+
+@pytest.mark.parametrize("body, message, parameter", NOT_INTEGERS.values(), ids=NOT_INTEGERS.keys())
+def test_n_and_max_tokens_must_be_integers_or_vllm_would_coerce_them_past_the_caps(guard, body, message, parameter):
+    assert guard.find_problem(body, VOCAB_SIZE) == (message, parameter)
+
+
+def test_the_default_max_tokens_is_vllms():
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    assert CompletionRequest.model_fields["max_tokens"].default == VLLM_DEFAULT_MAX_TOKENS
+
+
+def test_server_environment_carries_the_caps():
+    environment = server_environment(max_samples=8, max_request_tokens=4096)
+    assert environment[MAX_SAMPLES_ENV] == "8" and environment[MAX_REQUEST_TOKENS_ENV] == "4096"
+    with pytest.raises(ValueError, match="max_request_tokens must be at least 1, got 0"):
+        server_environment(max_request_tokens=0)
 
 
 token_ids = st.integers(0, VOCAB_SIZE - 1)

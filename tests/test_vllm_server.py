@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow
 API_KEY = "test-key"
 MODEL = SHIPPED_CHECKPOINT.name
 MAX_SAMPLES = 64
+# Small enough that the over-budget cases stay cheap; the client splits larger batches to fit it.
+MAX_REQUEST_TOKENS = 16384
 VOCAB_SIZE = ReturnTokenizer.from_pretrained(SHIPPED_CHECKPOINT).vocab_size
 STARTUP_TIMEOUT_S = 600
 
@@ -57,7 +59,8 @@ def server(checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     command = [
         sys.executable, "-m", "hf_kvtrade.cli", "serve", str(checkpoint),
-        "--port", str(port), "--api-key", API_KEY, "--max-samples", str(MAX_SAMPLES), "--enforce-eager",
+        "--port", str(port), "--api-key", API_KEY, "--max-samples", str(MAX_SAMPLES),
+        "--max-request-tokens", str(MAX_REQUEST_TOKENS), "--enforce-eager",
     ]  # fmt: skip
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -88,7 +91,7 @@ def _is_healthy(base_url: str) -> bool:
 def client(server, checkpoint):
     from hf_kvtrade.client import ForecastClient
 
-    return ForecastClient(f"{server['base_url']}/v1", checkpoint, api_key=API_KEY)
+    return ForecastClient(f"{server['base_url']}/v1", checkpoint, api_key=API_KEY, max_request_tokens=MAX_REQUEST_TOKENS)
 
 
 @pytest.fixture
@@ -125,6 +128,7 @@ def test_every_bar_past_the_window_matches_the_forecaster(client, checkpoint):
     # Forecaster.predict of every history in one batched pass per policy window (equal bar by bar: test_evaluation).
     ids = local.tokenizer.encode(prices)
     expected = model_forecast(local.model, local.tokenizer, ids, first, policy).probs
+    # Batches of 64 contexts are over the server's token budget: the client splits them.
     for start in range(0, len(histories), 64):
         batch = histories[start : start + 64]
         for history, served, probs in zip(batch, client.predict_batch(batch, horizon=1), expected[start : start + 64]):
@@ -165,6 +169,15 @@ def test_seeded_samples_of_long_histories_keep_the_server_alive(client, assert_s
         np.testing.assert_array_equal(a.paths, b.paths)
 
 
+def test_samples_over_the_budget_are_split_into_seeded_requests(client):
+    prices = random_prices(1500, seed=30)
+    # A 988-token context: 16384 // (988 + 4) = 16 samples per request, so 40 go out as 16 + 16 + 8 (seeds 7, 8, 9).
+    first, second = (client.predict(prices, horizon=4, num_samples=40, seed=7) for _ in range(2))
+    assert first.paths.shape == (40, 4) and np.isfinite(first.paths).all()
+    np.testing.assert_array_equal(first.paths, second.paths)
+    assert not np.array_equal(first.paths[:16], first.paths[16:32]), "each request must draw its own samples"
+
+
 def test_logprobs_of_the_top_tokens(client):
     prompt = client.encode_context(random_prices(50, seed=4))
     response = client.complete([prompt], max_tokens=3, logprobs=5, n=2)
@@ -189,7 +202,19 @@ BAD_REQUESTS = {
     "prompt longer than the context": ({"prompt": [1] + [500] * 1100}, "maximum context length is 1024"),
     "absurd n": ({"prompt": [1, 500], "n": 10**9}, f"limit of {MAX_SAMPLES} samples"),
     "zero n": ({"prompt": [1, 500], "n": 0}, "n must be at least 1"),
-    "absurd max_tokens": ({"prompt": [1, 500], "max_tokens": 10**12}, "cannot be greater than max_model_len"),
+    "absurd max_tokens": ({"prompt": [1, 500], "max_tokens": 10**12}, f"limit of {MAX_REQUEST_TOKENS} tokens per request"),
+    "max_tokens past the context": ({"prompt": [1, 500], "max_tokens": 2000}, "cannot be greater than max_model_len"),
+    "work over the budget": (
+        {"prompt": [1, 500], "n": 64, "max_tokens": 255},
+        (
+            f"n x (prompt tokens + max_tokens) = 64 x (2 + 255) = 16448 tokens, above this server's limit of "
+            f"{MAX_REQUEST_TOKENS} tokens per request (kvtrade serve --max-request-tokens)"
+        ),
+    ),
+    "a batch over the budget": ({"prompt": [[1, 500]] * 160, "max_tokens": 101}, "= 16480 tokens, above"),
+    "n as a float": ({"prompt": [1, 500], "n": 4096.0}, "n is the float 4096.0, not an integer"),
+    "n as text": ({"prompt": [1, 500], "n": "4096"}, 'n is text ("4096"), not an integer'),
+    "max_tokens as text": ({"prompt": [1, 500], "max_tokens": "8"}, 'max_tokens is text ("8"), not an integer'),
     "negative max_tokens": ({"prompt": [1, 500], "max_tokens": -5}, "max_tokens must be at least 1"),
     "too many logprobs": ({"prompt": [1, 500], "logprobs": 100_000}, "greater than max allowed"),
 }
@@ -278,6 +303,35 @@ def test_any_json_prompt_gets_an_answer_not_a_server_error(server, assert_still_
     assert server["process"].poll() is None, "the server died"
 
 
+def test_work_at_the_budget_is_served(client, server):
+    response = post_completion(server, {"prompt": [1, 500], "n": 64, "max_tokens": 254})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 64
+
+
+small_counts = st.integers(-2, 80) | json_values
+request_fields = {
+    "model": st.just(MODEL) | st.text(max_size=5),
+    "prompt": st.lists(token_ids, min_size=1, max_size=8) | json_values,
+    "n": small_counts,
+    "max_tokens": st.integers(-2, 3000) | json_values,
+    "logprobs": st.integers(-2, 2 * VOCAB_SIZE) | json_values,
+    "temperature": st.floats(allow_nan=False) | json_values,
+}
+request_bodies = st.fixed_dictionaries({}, optional=request_fields) | json_values
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request_bodies)
+def test_any_json_body_gets_an_answer_not_a_server_error(server, assert_still_serving, body):
+    """Random bodies, valid or not, with the fields the guard and vLLM check: never a 5xx, never a dead server."""
+    response = httpx.post(
+        f"{server['base_url']}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    )
+    assert response.status_code < 500, response.text
+    assert server["process"].poll() is None, "the server died"
+
+
 BODIES_FOR_VLLM = {
     "truncated JSON": (b'{"prompt": [1, 2', "JSON decode error"),
     "integer too long to parse": (b'{"prompt": [1, ' + b"9" * 5000 + b"]}", "error parsing the body"),
@@ -309,3 +363,29 @@ def test_wrong_api_key_gets_401(server, assert_still_serving, api_key):
     )
     assert response.status_code == 401
     assert response.json() == {"error": "Unauthorized"}
+
+
+def test_fairness_scenario_of_bench_serve(server, assert_still_serving):
+    """The `fairness` section of `kvtrade bench serve`, at small settings, against this module's server."""
+    import argparse
+    import asyncio
+
+    from hf_kvtrade.benchmarks import _fairness
+
+    parser = argparse.ArgumentParser()
+    _fairness.add_arguments(parser)
+    args = parser.parse_args(["--fairness-light-requests", "4", "--fairness-heavy-prompt", "32", "--fairness-heavy-steps", "16"])
+    tokenizer = ReturnTokenizer.from_pretrained(SHIPPED_CHECKPOINT)
+    result = asyncio.run(
+        _fairness.measure(
+            f"{server['base_url']}/v1/completions", MODEL, tokenizer, MAX_REQUEST_TOKENS, MAX_SAMPLES, args,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+    )  # fmt: skip
+    heavy = result["heavy"]
+    assert heavy["n"] == MAX_SAMPLES and heavy["work_tokens"] == MAX_SAMPLES * (32 + 16) <= MAX_REQUEST_TOKENS
+    assert result["over_budget"]["work_tokens"] > MAX_REQUEST_TOKENS and result["over_budget"]["status"] == 400
+    assert f"limit of {MAX_REQUEST_TOKENS} tokens per request" in result["over_budget"]["message"]
+    assert result["light"]["loaded_p99_ms"] >= result["light"]["loaded_p50_ms"] > 0
+    assert result["target"]["met"] == (result["light"]["loaded_p99_ms"] < 1000.0)
+    assert len(_fairness.report(result, "this machine")) == 3

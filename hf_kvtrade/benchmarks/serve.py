@@ -16,6 +16,9 @@ One run, one machine, every comparison side by side:
     bar of a real series (``--stream-series``, ``--stream-bars``), through the server (``usage.prompt_tokens_details
     .cached_tokens``) and through the offline engine (``RequestOutput.num_cached_tokens``), with the policy's
     prompts; and the latency of a new-bar request with its history cached against a reset cache.
+(d) ``fairness``: p99 latency of one-token forecasts while heavy sampled-path requests, each at the server's
+    per-request token budget, run concurrently against the real `kvtrade serve` (target: below 1 s), and a request
+    over the budget refused (``_fairness``).
 
 Price histories in (a) and (b) are seeded geometric random walks (cost does not depend on the prices), of
 lengths spread over one rebase stride so that the windows cover every context length the policy produces.
@@ -24,6 +27,7 @@ lengths spread over one rebase stride so that the windows cover every context le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -36,9 +40,10 @@ from pathlib import Path
 from typing import Self
 
 from ..checkpoint import SHIPPED_CHECKPOINT
+from . import _fairness
 from ._common import context_list
 
-SECTIONS = ("throughput", "load", "prefix")
+SECTIONS = ("throughput", "load", "prefix", "fairness")
 QUICK = {"symbols": 8, "stream_bars": 400, "concurrency": (8, 32), "rounds": 1}
 DEFAULT_JSON = "out/bench/serve.json"
 QUANTILES = (0.05, 0.5, 0.95)
@@ -77,6 +82,7 @@ def add_arguments(parser) -> None:
         f"{','.join(map(str, QUICK['concurrency']))}, {QUICK['rounds']} round",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slower start)")
+    _fairness.add_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -125,7 +131,7 @@ def run(args) -> int:
     if "throughput" in sections or "prefix" in sections:
         payload.update(_offline_sections(args, checkpoint, sections))
     payload["setup"]["load_average"]["before_server"] = list(os.getloadavg())
-    if "load" in sections or "prefix" in sections:
+    if {"load", "prefix", "fairness"} & set(sections):
         for key, value in _server_sections(args, checkpoint, sections).items():
             payload.setdefault(key, {}).update(value)
     if "load" in sections:
@@ -303,8 +309,7 @@ def flat_next_token_probs(vllm, prompts):
 
 
 def _forecasts_from_probs(hf, probs, histories):
-    from ..distribution import BinnedDistribution
-    from ..distribution import Forecast
+    from ..distribution import BinnedDistribution, Forecast
 
     return [
         Forecast.from_distribution(BinnedDistribution.from_token_probs(row, hf.tokenizer), prices[-1], QUANTILES)
@@ -459,26 +464,58 @@ class ServerProcess:
             pass
 
 
-def _server_sections(args, checkpoint: Path, sections) -> dict:
-    from ..client import ForecastClient
-    from ..forecasting import Forecaster
-    from ..serving import server_command, server_environment
+@contextlib.contextmanager
+def _kvtrade_serve(args, checkpoint: Path, environment: dict):
+    """A `kvtrade serve` server on a free local port for the ``with`` block; yields its base URL."""
+    from ..serving import server_command
 
-    results: dict = {}
     port = free_port()
     command = server_command(checkpoint, port=port, enforce_eager=not args.compile)
     with tempfile.TemporaryDirectory() as scratch:
         print(f"starting `kvtrade serve` on 127.0.0.1:{port}", flush=True)
-        with ServerProcess(command, f"http://127.0.0.1:{port}/health", Path(scratch) / "vllm.log",
-                           server_environment(), "vLLM"):  # fmt: skip
-            client = ForecastClient(f"http://127.0.0.1:{port}/v1", checkpoint, timeout=args.level_timeout)
+        with ServerProcess(command, f"http://127.0.0.1:{port}/health", Path(scratch) / "vllm.log", environment, "vLLM"):
+            yield f"http://127.0.0.1:{port}"
+
+
+def _server_sections(args, checkpoint: Path, sections) -> dict:
+    from ..client import ForecastClient
+    from ..context import ContextPolicy
+    from ..forecasting import Forecaster
+    from ..serving import DEFAULT_MAX_REQUEST_TOKENS, server_environment
+
+    results: dict = {}
+    if {"load", "prefix"} & set(sections):
+        # These sections measure capacity, not fairness: their server admits the largest request they send (SYMBOLS
+        # horizon-1 prompts in one request, PATHS samples of one prompt), each of up to a policy window.
+        window = ContextPolicy.from_pretrained(checkpoint).window
+        capacity = max(DEFAULT_MAX_REQUEST_TOKENS, max(args.symbols, args.paths) * window)
+        with _kvtrade_serve(args, checkpoint, server_environment(max_request_tokens=capacity)) as base_url:
+            client = ForecastClient(f"{base_url}/v1", checkpoint, timeout=args.level_timeout, max_request_tokens=capacity)
             if "prefix" in sections:
                 results["prefix_hits"] = {"server": _server_stream(args, client)}
             if "load" in sections:
                 hf = Forecaster.from_pretrained(checkpoint)  # only its encode_context: windows asserted equal
                 results["horizon1_server"] = _server_logprobs_cost(args, client, hf)
                 results["load"] = {"vllm_server": _vllm_load(args, client, hf)}
+    if "fairness" in sections:
+        results["fairness"] = _fairness_section(args, checkpoint)
     return results
+
+
+def _fairness_section(args, checkpoint: Path) -> dict:
+    """The fairness scenario against a `kvtrade serve` with its default sample limit and the budget asked for."""
+    from ..serving import DEFAULT_MAX_SAMPLES, server_environment
+    from ..tokenization_kvtrade import ReturnTokenizer
+
+    budget = args.fairness_max_request_tokens
+    with _kvtrade_serve(args, checkpoint, server_environment(max_request_tokens=budget)) as base_url:
+        print("fairness: one-token forecasts beside heavy sampled-path requests at the budget", flush=True)
+        return asyncio.run(
+            _fairness.measure(
+                f"{base_url}/v1/completions", checkpoint.name, ReturnTokenizer.from_pretrained(checkpoint),
+                budget, DEFAULT_MAX_SAMPLES, args,
+            )
+        )  # fmt: skip
 
 
 def _server_logprobs_cost(args, client, hf) -> dict:
@@ -754,6 +791,9 @@ def summary(payload: dict) -> str:
                     f"p50 {result['p50_ms'] or float('nan'):.0f} ms, p99 {result['p99_ms'] or float('nan'):.0f} ms, "
                     f"{result['completed']}/{result['requests']} ok"
                 )
+    if "fairness" in payload:
+        machine = payload["machine"]
+        lines += _fairness.report(payload["fairness"], f"{machine['cpu']}, {machine['cores']} cores")
     if "prefix" in payload:
         prefix = payload["prefix"]
         lines.append(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from ..serving import DEFAULT_HOST, DEFAULT_MAX_SAMPLES, DEFAULT_PORT
+    from ..serving import (
+        DEFAULT_HOST,
+        DEFAULT_MAX_REQUEST_TOKENS,
+        DEFAULT_MAX_SAMPLES,
+        DEFAULT_PORT,
+    )
 
     parser = subparsers.add_parser(
         "serve", help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)"
@@ -17,6 +22,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--max-samples", type=int, default=DEFAULT_MAX_SAMPLES, help="largest n per request (default: %(default)s)"
     )
+    parser.add_argument(
+        "--max-request-tokens", type=int, default=DEFAULT_MAX_REQUEST_TOKENS,
+        help="largest work of one request, n x (prompt tokens + max_tokens), so that no request holds the engine "
+        "while the others wait (default: %(default)s; see docs/serving.md)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="float32", help="weights and activations dtype (default: %(default)s)")
     parser.add_argument(
         "--enforce-eager", action="store_true", help="skip torch.compile: starts faster, runs a little slower"
@@ -31,6 +41,7 @@ def run(args) -> int:
     from ..serving import server_command, server_environment, usage_instructions
 
     try:
+        environment = server_environment(args.max_samples, args.max_request_tokens)
         command = server_command(
             args.checkpoint,
             host=args.host,
@@ -45,4 +56,4 @@ def run(args) -> int:
     model = args.served_model_name or Path(args.checkpoint).name
     print(usage_instructions(args.host, args.port, model, args.api_key, args.checkpoint), flush=True)
     # The server replaces this process, so signals (Ctrl-C, SIGTERM) reach vLLM, which stops its engine cleanly.
-    os.execve(command[0], command, server_environment(args.max_samples))
+    os.execve(command[0], command, environment)
