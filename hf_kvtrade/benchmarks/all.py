@@ -1,9 +1,9 @@
 """Every benchmark side by side in one run: report.json, report.md (tables) and report.png under --out.
 
 Runs, in one process on one machine: KV cache vs full recompute by context (stream), batched ticks for many
-symbols vs one at a time (batch), MHA vs GQA vs MQA (gqa),
-cache policies (cache), attention backends at long context (attention), Transformers vs vLLM serving (serve) and
-the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
+symbols vs one at a time (batch), MHA vs GQA vs MQA (gqa), cache policies in nats per bar (cache), the order-book
+replay (orderbook), attention backends at long context (attention), Transformers vs vLLM serving and fairness
+(serve) and the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
 arguments, so `kvtrade bench all` measures exactly what `kvtrade bench NAME` measures.
 """
 
@@ -119,11 +119,32 @@ def render_markdown(report: dict) -> str:
             ],
         ))
     if "cache" in results:
-        parts.append("## Cache policies\n\n" + _table(
-            ["policy", "bytes ratio vs fp32 (16k ticks)", "NLL delta %", "step p50 ms", "machine"],
-            [[name, row["bytes_ratio"], row["nll_delta_pct"], row["p50_ms"], machine]
-             for name, row in results["cache"]["policies"].items()],
+        cache = results["cache"]
+
+        def policy_row(setting: str, name: str, row: dict) -> list:
+            share, target = row["share_of_edge"], row.get("target")
+            verdict = "" if target is None else f"≤{100 * target['limit']:.0f}%: {'met' if target['met'] else 'MISSED'}"
+            return [setting, name, row["bytes_held"], row["nll_change"], None if share is None else 100 * share,
+                    verdict, _machine_label(cache["machine"])]  # fmt: skip
+
+        long_stream = cache["long_stream"]
+        parts.append("## Cache policies: bytes and nats per bar lost\n\n" + _table(
+            ["setting", "policy", "bytes held", "NLL change nats/bar", "% of edge over uncond. t", "target", "machine"],
+            [policy_row(f"W={cache['context_policy']['window']}", name, row) for name, row in cache["window"].items()]
+            + [policy_row(f"{long_stream['stream_ticks_before_first_scored_bar']}-tick stream", "sink", long_stream)],
         ))
+    if "orderbook" in results:
+        book = results["orderbook"]
+        parts.append(
+            f"## Order-book replay ({book['order_events']:,} events, capture peak {book['peak_live_events_per_s']:,.0f}/s)\n\n"
+            + _table(
+                ["path", "events/s", "ticks/s", "tick p50 ms", "tick p99 ms", "cache bytes", "machine"],
+                [[name, row["events_per_s"], row.get("ticks_per_s"), row.get("p50_tick_ms"), row.get("p99_tick_ms"),
+                  row.get("cache_bytes"), _machine_label(book["machine"])] for name, row in book["rows"].items()],
+            )
+            + f"\n\nHeadroom over the peak: {book['headroom']:.1f}x (target {book['target_headroom']:.0f}x: "
+            f"{'met' if book['target_met'] else 'MISSED'})."
+        )
     if "attention" in results:
         parts.append("## Attention backends at long context (prefill)\n\n" + _table(
             ["backend", "context", "mode", "prefill s", "peak extra MiB", "memory vs eager", "skipped", "machine"],
@@ -144,6 +165,14 @@ def render_markdown(report: dict) -> str:
                 ["new-bar latency ms (prefix cold vs warm)", prefix["cold_ms"], prefix["warm_ms"], prefix["ratio"], machine],
             ],
         ))
+        if "fairness" in results["serve"]:
+            fairness = results["serve"]["fairness"]
+            light, target = fairness["light"], fairness["target"]
+            parts.append(f"## One-token requests beside heavy sampled paths (budget {fairness['budget_tokens']} tokens)\n\n" + _table(
+                ["p99 idle ms", "p50 loaded ms", "p99 loaded ms", "target p99 < 1 s", "over-budget request", "machine"],
+                [[light["idle_p99_ms"], light["loaded_p50_ms"], light["loaded_p99_ms"],
+                  "met" if target["met"] else "MISSED", fairness["over_budget"]["status"], machine]],
+            ))  # fmt: skip
     if "attention_map" in results:
         attention = results["attention_map"]
         parts.append(
@@ -183,9 +212,10 @@ def _plot(results: dict, path: Path) -> None:
                 axis.plot([row["context"] for row in rows], [row["decode_p50_ms"] for row in rows], "o-", label=flavour)
             axis.set(xscale="log", xlabel="context (bars)", ylabel="decode p50 ms", title="MHA / GQA / MQA")
         elif name == "cache":
-            for policy, row in data["policies"].items():
-                axis.scatter(row["bytes_ratio"], row["nll_delta_pct"], label=policy)
-            axis.set(xlabel="bytes vs fp32 cache", ylabel="NLL delta %", title="Cache policies")
+            full_bytes = data["window"]["full"]["bytes_held"]
+            for policy, row in data["window"].items():
+                axis.scatter(row["bytes_held"] / full_bytes, row["nll_change"], label=policy)
+            axis.set(xlabel="bytes vs full cache", ylabel="NLL change (nats/bar)", title="Cache policies")
         elif name == "attention":
             for (backend, mode) in dict.fromkeys((row["backend"], row["mode"]) for row in data["rows"]):
                 rows = [r for r in data["rows"] if r["backend"] == backend and r["mode"] == mode and "skipped" not in r]
