@@ -8,8 +8,10 @@ it is the alternative for endless streams without rebase ticks, sized so that no
 policy's window.
 
 The ``full`` policy decodes through :class:`~hf_kvtrade.streaming.decoder.BatchedDecoder` (all sessions of an
-``update_many`` call in one pass); the other policies (``int8``, ``int4``, ``sink``, ``selective``) step each
-session through ``model.forward`` with the caches of ``hf_kvtrade.cache``. Sessions and the memory budget live in
+``update_many`` call in one pass), its sessions' keys and values in the slots of one
+:class:`~hf_kvtrade.streaming.slots.SlotPool` (sessions behind a market prefix keep caches of their own); the other
+policies (``int8``, ``int4``, ``sink``, ``selective``) step each session through ``model.forward`` with the caches
+of ``hf_kvtrade.cache``. Sessions and the memory budget live in
 :class:`~hf_kvtrade.streaming.sessions.SessionStore`.
 """
 
@@ -34,6 +36,7 @@ from ..signals import Signal, SignalRule
 from ..tokenization_kvtrade import ReturnTokenizer
 from .decoder import BatchedDecoder
 from .sessions import Session, SessionStore
+from .slots import SlotPool
 from .summary import ForecastSummarizer
 
 # Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
@@ -116,7 +119,12 @@ class StreamingForecaster:
                 f"{self.config.max_position_embeddings}"
             )
         self._symbol_policy = self.context_policy
-        self.sessions = SessionStore(memory_budget_bytes)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        pool = None
+        if cache_policy == "full":
+            pool = SlotPool(self.config, self.context_policy.window, self.dtype, self.device)
+        self.sessions = SessionStore(memory_budget_bytes, pool)
         self.decoder = BatchedDecoder(self.model, prefill_chunk)
         self.quantiles = tuple(quantiles)
         self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
@@ -125,8 +133,6 @@ class StreamingForecaster:
         if cache_policy in ("sink", "selective"):
             # Sized from this engine's policy, which may differ from the checkpoint's.
             self.cache_kwargs.setdefault("context_policy", self.context_policy)
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
         if self._scores_attention:
             # H2O-style eviction ranks tokens by the attention they receive, which only eager attention reports.
             self.model.set_attn_implementation("eager")
@@ -296,11 +302,15 @@ class StreamingForecaster:
 
     def _rebuild(self, session: Session, keep: Collection[str]) -> None:
         """(Re-)prefills the session's context behind the shared prefix and keeps its last logits."""
-        session.cache = None
+        self.sessions.drop_cache(session)
         session.anchor = self._anchor_of(session)
         window = session.token_ids[session.anchor :]
-        self.sessions.reserve(self._projected_bytes(len(window)), keep)
-        cache = self._new_cache()
+        if self._pooled:
+            self.sessions.reserve_slot(keep)
+            cache = self.sessions.pool.acquire()
+        else:
+            self.sessions.reserve(self._projected_bytes(len(window)), keep)
+            cache = self._new_cache()
         session.cache = cache
         if self._prefix_cache is not None:
             cache = PrefixedCache(self._prefix_cache, cache)
@@ -310,6 +320,12 @@ class StreamingForecaster:
         session.last_logits = self.decoder.prefill(window, cache, start_position=self.prefix_length)
         self.tokens_computed += len(window)
         self.prefills += 1
+
+    @property
+    def _pooled(self) -> bool:
+        """Whether new sessions take a slot of the pool: full caches without a market prefix, whose window (the
+        slots' capacity) is the engine's policy's own."""
+        return self.sessions.pool is not None and self._prefix_cache is None
 
     def _new_cache(self) -> Cache:
         if self.cache_policy == "full":
@@ -335,7 +351,8 @@ class StreamingForecaster:
         """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
         sessions = [self.sessions[symbol] for symbol in token_ids]
         if self.cache_policy == "full":
-            logits = self.decoder.step(list(token_ids.values()), [s.cache for s in sessions], self._prefix_cache)
+            caches = [session.cache for session in sessions]
+            logits = self.decoder.step(list(token_ids.values()), caches, self._prefix_cache, self.sessions.pool)
             for session, row in zip(sessions, logits):
                 session.last_logits = row
         else:
