@@ -215,13 +215,16 @@ class StreamingForecaster:
                         f"bar for {symbol!r} at {timestamp} is not after the previous bar at {session.last_timestamp}"
                     )
         batch = list(parsed)
+        sessions = {symbol: self.sessions.open(symbol) for symbol in batch}
+        # One tokenizer call for the whole batch: per symbol, its cost rivals a batched step's share.
+        moving = [symbol for symbol in batch if sessions[symbol].last_price is not None]
+        returns = [math.log(parsed[symbol][0] / sessions[symbol].last_price) for symbol in moving]
+        token_ids = dict.fromkeys(batch, self.tokenizer.bos_token_id)
+        if moving:
+            token_ids.update(zip(moving, self.tokenizer.encode_returns(returns).tolist()))
         stepping = {}
         for symbol, (price, timestamp) in parsed.items():
-            session = self.sessions.open(symbol)
-            if session.last_price is None:
-                token_id = self.tokenizer.bos_token_id
-            else:
-                token_id = int(self.tokenizer.encode_returns([math.log(price / session.last_price)])[0])
+            session, token_id = sessions[symbol], token_ids[symbol]
             session.token_ids.append(token_id)
             session.last_price, session.last_timestamp = price, timestamp
             if session.cache is not None and self._anchor_of(session) == session.anchor:
