@@ -413,10 +413,27 @@ class FullKVLayer(KVPolicyLayer):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1 token, got {capacity}")
         self.capacity = capacity
+        self.growable = True
 
     def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
         batch, heads, _, head_dim = key_states.shape
         return key_states.new_zeros((batch, heads, self.capacity, head_dim))
+
+    def bind(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Makes caller-owned buffers (e.g. views of a slot pool) this layer's storage, which then cannot grow.
+
+        The tokens written so far must already be in them: only the buffers change, not the count of tokens seen.
+        """
+        if keys.shape != values.shape or keys.dim() != 4:
+            raise ValueError(
+                f"keys and values must be 4-d buffers of one shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if keys.shape[-2] < self.cumulative_length:
+            raise ValueError(f"buffers of {keys.shape[-2]} tokens cannot hold the {self.cumulative_length} written")
+        self.keys, self.values = keys, values
+        self.capacity, self.growable = keys.shape[-2], False
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
 
     def num_tokens_held(self) -> int:
         return self.cumulative_length
@@ -427,6 +444,11 @@ class FullKVLayer(KVPolicyLayer):
         start = self.cumulative_length
         end = start + key_states.shape[-2]
         if end > self.capacity:
+            if not self.growable:
+                raise ValueError(
+                    f"{end} tokens do not fit the {self.capacity}-token buffers this layer is bound to, which it does "
+                    "not own and cannot grow"
+                )
             self._grow(max(end, 2 * self.capacity))
         self.keys[:, :, start:end].copy_(key_states)
         self.values[:, :, start:end].copy_(value_states)
@@ -460,6 +482,8 @@ class FullKVCache(KVPolicyCache):
     With ``dtype`` (and ``device``) the buffers are allocated at construction, so ``nbytes()`` is final before the
     first token and a decode step never allocates; otherwise on the first ``update``. ``capacity`` defaults to the
     context policy's window, the longest history a forecast conditions on; a longer stream doubles the buffers.
+    [`FullKVLayer.bind`] gives a layer storage it does not own instead, e.g. one slot of the streaming engine's
+    `SlotPool`; ``nbytes()`` then counts the bytes of the views it holds, and a write past them is an error.
 
     ```python
     >>> cache = FullKVCache(model.config, capacity=1024, dtype=torch.float32)

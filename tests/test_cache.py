@@ -8,6 +8,7 @@ from hf_kvtrade.cache import (
     SinkKVCache,
     build_cache,
     dequantize,
+    kv_cache_bytes,
     pack_int4,
     quantize,
     track_attention,
@@ -278,3 +279,20 @@ def test_bad_arguments_are_named():
         build_cache(config, "selective", policy="lru")
     with pytest.raises(ValueError, match="full-attention"):
         FullKVCache(load_preset("tiny", sliding_window=32))
+
+
+def test_a_full_cache_bound_to_buffers_it_does_not_own_writes_there_and_cannot_grow(make_tiny_model):
+    model = make_tiny_model()
+    config = model.config
+    # Per layer, keys and values of two sessions; the cache gets the second one's.
+    storage = torch.zeros(config.num_hidden_layers, 2, 2, config.num_key_value_heads, 12, config.head_dim)
+    cache = FullKVCache(config, capacity=12)
+    for layer, (keys, values) in zip(cache.layers, storage):
+        layer.bind(keys[1:2], values[1:2])
+    input_ids = random_ids(12)
+    reference = stream_logits(model, input_ids, FullKVCache(config, capacity=12), prefill=8)
+    torch.testing.assert_close(stream_logits(model, input_ids, cache, prefill=8), reference)
+    assert storage[:, :, 0].eq(0).all() and storage[:, :, 1].ne(0).any()
+    assert cache.nbytes() == kv_cache_bytes(config, 12)
+    with pytest.raises(ValueError, match="cannot grow"):
+        model(random_ids(1), past_key_values=cache)

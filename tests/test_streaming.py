@@ -140,6 +140,70 @@ def test_eviction_and_reprefill_restore_the_same_forecasts(model):
     np.testing.assert_allclose(after.distribution.probs, before.distribution.probs, atol=1e-6)
 
 
+def test_an_evicted_sessions_slot_is_reused_exactly(model):
+    policy = ContextPolicy(window=64, stride=32)
+    slot_bytes = kv_cache_bytes(model.config, 64)
+    bounded = StreamingForecaster(model, context_policy=policy, memory_budget_bytes=2 * slot_bytes)
+    unbounded = StreamingForecaster(model, context_policy=policy)
+    series = {symbol: random_walk(40, seed=100 + i) for i, symbol in enumerate("abc")}
+    # a and b fill both slots; c then takes a's slot, whose 20 tokens past c's own the mask must hide; a comes back
+    # into b's slot.
+    for step in range(40):
+        symbols = ("a", "b") if step < 20 else ("c", "b") if step < 30 else ("a", "c")
+        bars = {symbol: series[symbol][step] for symbol in symbols}
+        ticks, expected = bounded.update_many(bars), unbounded.update_many(bars)
+        for symbol in symbols:
+            np.testing.assert_allclose(
+                ticks[symbol].distribution.probs,
+                expected[symbol].distribution.probs,
+                atol=1e-6,
+                err_msg=f"{symbol} {step}",
+            )
+        assert bounded.cache_bytes() == 2 * slot_bytes
+    pool = bounded.sessions.pool
+    assert bounded.evictions == 2 and pool.slots == 2
+    assert pool.slots_of([bounded.session_cache("c"), bounded.session_cache("a")]) == [0, 1]
+    assert bounded.session_cache("c").layers[0].keys.data_ptr() == pool.keys[0][0].data_ptr()
+    assert bounded.session_bytes("c") == slot_bytes
+    # The unbounded pool doubled to 4 slots for 3 sessions and counts all 4: they are allocated.
+    assert unbounded.sessions.pool.slots == 4 and unbounded.cache_bytes() == 4 * slot_bytes
+
+
+@torch.inference_mode()
+def test_pooled_decode_step_equals_the_per_row_step(model):
+    from hf_kvtrade.cache import FullKVCache
+    from hf_kvtrade.streaming.decoder import BatchedDecoder
+    from hf_kvtrade.streaming.slots import SlotPool
+
+    decoder = BatchedDecoder(model)
+    pool = SlotPool(model.config, capacity=48, dtype=torch.float32, device="cpu")
+    pool.grow(3)
+    rng = np.random.default_rng(7)
+    histories = [rng.integers(4, model.config.vocab_size, length).tolist() for length in (10, 30, 3)]
+    pooled = [pool.acquire() for _ in histories]
+    separate = [FullKVCache(model.config, capacity=48, dtype=torch.float32) for _ in histories]
+    for ids, in_pool, own in zip(histories, pooled, separate):
+        torch.testing.assert_close(decoder.prefill(ids, in_pool, 0), decoder.prefill(ids, own, 0))
+    # Slots in one ascending run (the pool read is a view), then permuted (a gather), and across a growth of the
+    # pool that re-binds the live caches.
+    for step, order in enumerate([[0, 1, 2], [2, 0, 1], [1, 2], [0, 1, 2]]):
+        if step == 2:
+            pool.grow(6)
+        tokens = rng.integers(4, model.config.vocab_size, len(order)).tolist()
+        got = decoder.step(tokens, [pooled[row] for row in order], pool=pool)
+        expected = decoder.step(tokens, [separate[row] for row in order])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for in_pool, own in zip(pooled, separate):
+        assert in_pool.get_seq_length() == own.get_seq_length()
+        for pool_layer, own_layer in zip(in_pool.layers, own.layers):
+            torch.testing.assert_close(pool_layer.filled(), own_layer.filled(), atol=1e-5, rtol=0)
+    assert pool.nbytes() == 6 * kv_cache_bytes(model.config, 48)
+    pool.release(pooled[1])
+    assert pool.slots_of([pool.acquire()]) == [1]
+    with pytest.raises(ValueError, match="slot of the pool"):
+        decoder.step([5, 5], [pooled[0], separate[0]], pool=pool)
+
+
 def test_growing_quantized_caches_stay_under_the_budget(model):
     budget = 3 * kv_cache_bytes(model.config, 30)
     engine = StreamingForecaster(model, cache_policy="int8", memory_budget_bytes=budget)

@@ -8,8 +8,10 @@ it is the alternative for endless streams without rebase ticks, sized so that no
 policy's window.
 
 The ``full`` policy decodes through :class:`~hf_kvtrade.streaming.decoder.BatchedDecoder` (all sessions of an
-``update_many`` call in one pass); the other policies (``int8``, ``int4``, ``sink``, ``selective``) step each
-session through ``model.forward`` with the caches of ``hf_kvtrade.cache``. Sessions and the memory budget live in
+``update_many`` call in one pass), its sessions' keys and values in the slots of one
+:class:`~hf_kvtrade.streaming.slots.SlotPool` (sessions behind a market prefix keep caches of their own); the other
+policies (``int8``, ``int4``, ``sink``, ``selective``) step each session through ``model.forward`` with the caches
+of ``hf_kvtrade.cache``. Sessions and the memory budget live in
 :class:`~hf_kvtrade.streaming.sessions.SessionStore`.
 """
 
@@ -34,6 +36,7 @@ from ..signals import Signal, SignalRule
 from ..tokenization_kvtrade import ReturnTokenizer
 from .decoder import BatchedDecoder
 from .sessions import Session, SessionStore
+from .slots import SlotPool
 from .summary import ForecastSummarizer
 
 # Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
@@ -116,7 +119,12 @@ class StreamingForecaster:
                 f"{self.config.max_position_embeddings}"
             )
         self._symbol_policy = self.context_policy
-        self.sessions = SessionStore(memory_budget_bytes)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        pool = None
+        if cache_policy == "full":
+            pool = SlotPool(self.config, self.context_policy.window, self.dtype, self.device)
+        self.sessions = SessionStore(memory_budget_bytes, pool)
         self.decoder = BatchedDecoder(self.model, prefill_chunk)
         self.quantiles = tuple(quantiles)
         self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
@@ -125,8 +133,6 @@ class StreamingForecaster:
         if cache_policy in ("sink", "selective"):
             # Sized from this engine's policy, which may differ from the checkpoint's.
             self.cache_kwargs.setdefault("context_policy", self.context_policy)
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
         if self._scores_attention:
             # H2O-style eviction ranks tokens by the attention they receive, which only eager attention reports.
             self.model.set_attn_implementation("eager")
@@ -209,13 +215,16 @@ class StreamingForecaster:
                         f"bar for {symbol!r} at {timestamp} is not after the previous bar at {session.last_timestamp}"
                     )
         batch = list(parsed)
+        sessions = {symbol: self.sessions.open(symbol) for symbol in batch}
+        # One tokenizer call for the whole batch: per symbol, its cost rivals a batched step's share.
+        moving = [symbol for symbol in batch if sessions[symbol].last_price is not None]
+        returns = [math.log(parsed[symbol][0] / sessions[symbol].last_price) for symbol in moving]
+        token_ids = dict.fromkeys(batch, self.tokenizer.bos_token_id)
+        if moving:
+            token_ids.update(zip(moving, self.tokenizer.encode_returns(returns).tolist()))
         stepping = {}
         for symbol, (price, timestamp) in parsed.items():
-            session = self.sessions.open(symbol)
-            if session.last_price is None:
-                token_id = self.tokenizer.bos_token_id
-            else:
-                token_id = int(self.tokenizer.encode_returns([math.log(price / session.last_price)])[0])
+            session, token_id = sessions[symbol], token_ids[symbol]
             session.token_ids.append(token_id)
             session.last_price, session.last_timestamp = price, timestamp
             if session.cache is not None and self._anchor_of(session) == session.anchor:
@@ -296,11 +305,15 @@ class StreamingForecaster:
 
     def _rebuild(self, session: Session, keep: Collection[str]) -> None:
         """(Re-)prefills the session's context behind the shared prefix and keeps its last logits."""
-        session.cache = None
+        self.sessions.drop_cache(session)
         session.anchor = self._anchor_of(session)
         window = session.token_ids[session.anchor :]
-        self.sessions.reserve(self._projected_bytes(len(window)), keep)
-        cache = self._new_cache()
+        if self._pooled:
+            self.sessions.reserve_slot(keep)
+            cache = self.sessions.pool.acquire()
+        else:
+            self.sessions.reserve(self._projected_bytes(len(window)), keep)
+            cache = self._new_cache()
         session.cache = cache
         if self._prefix_cache is not None:
             cache = PrefixedCache(self._prefix_cache, cache)
@@ -310,6 +323,12 @@ class StreamingForecaster:
         session.last_logits = self.decoder.prefill(window, cache, start_position=self.prefix_length)
         self.tokens_computed += len(window)
         self.prefills += 1
+
+    @property
+    def _pooled(self) -> bool:
+        """Whether new sessions take a slot of the pool: full caches without a market prefix, whose window (the
+        slots' capacity) is the engine's policy's own."""
+        return self.sessions.pool is not None and self._prefix_cache is None
 
     def _new_cache(self) -> Cache:
         if self.cache_policy == "full":
@@ -335,7 +354,8 @@ class StreamingForecaster:
         """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
         sessions = [self.sessions[symbol] for symbol in token_ids]
         if self.cache_policy == "full":
-            logits = self.decoder.step(list(token_ids.values()), [s.cache for s in sessions], self._prefix_cache)
+            caches = [session.cache for session in sessions]
+            logits = self.decoder.step(list(token_ids.values()), caches, self._prefix_cache, self.sessions.pool)
             for session, row in zip(sessions, logits):
                 session.last_logits = row
         else:

@@ -2,8 +2,11 @@
 
 A session keeps its symbol's whole token history and, while resident, a KV cache of its current context. The
 store counts bytes with the caches' own ``nbytes()`` (and the shared prefix once, which sessions read by reference),
-so what the budget checks is what the caches hold. Evicting a session drops its cache and keeps its history, from
-which the engine re-prefills it when the symbol returns.
+so what the budget checks is what the caches hold. Sessions whose caches are slots of a
+:class:`~hf_kvtrade.streaming.slots.SlotPool` are counted through the pool instead: its allocated slots times the
+bytes of one slot, free slots included, because the pool keeps them. Evicting a session drops its cache (a pooled
+one frees its slot for the next session) and keeps its history, from which the engine re-prefills it when the
+symbol returns.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
+
+from .slots import SlotPool
 
 
 @dataclass
@@ -37,15 +42,17 @@ class SessionStore:
 
     Args:
         budget_bytes: cap on the bytes of every resident cache plus the shared prefix; None for no cap.
+        pool: the slot pool that pooled sessions' caches live in, counted as a whole.
     """
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, pool: SlotPool | None = None):
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self.prefix_bytes = 0
         self.evictions = 0
         self.peak_cache_bytes = 0
+        self.pool = pool
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def __contains__(self, symbol: str) -> bool:
@@ -74,24 +81,50 @@ class SessionStore:
         return 0 if session is None or session.cache is None else int(session.cache.nbytes())
 
     def cache_bytes(self) -> int:
-        """Bytes of all live caches: the shared prefix once plus every resident session's own cache."""
-        return self.prefix_bytes + sum(self.session_bytes(symbol) for symbol in self._sessions)
+        """Bytes of all live caches: the shared prefix once, the slot pool's allocation, and every other resident
+        session's own cache."""
+        pooled = 0 if self.pool is None else self.pool.nbytes()
+        return self.prefix_bytes + pooled + sum(
+            self.session_bytes(symbol)
+            for symbol, session in self._sessions.items()
+            if not (self.pool is not None and self.pool.owns(session.cache))
+        )
+
+    def reserve_slot(self, keep: Collection[str]) -> None:
+        """Makes a slot of the pool free: grows the pool (doubling, or as far as the budget allows) or evicts least
+        recently used sessions outside ``keep``."""
+        pool = self.pool
+        self._check_fits(pool.slot_bytes)
+        while not pool.has_free_slot():
+            growth = max(pool.slots, 1)
+            if self.budget_bytes is not None:
+                growth = min(growth, (self.budget_bytes - self.cache_bytes()) // pool.slot_bytes)
+            if growth > 0:
+                pool.grow(pool.slots + growth)
+            elif not self._evict_least_recent(keep):
+                raise ValueError(self._batch_too_large(keep, pool.slot_bytes))
 
     def reserve(self, needed: int, keep: Collection[str]) -> None:
         """Evicts least recently used sessions outside ``keep`` until a new cache of ``needed`` bytes fits."""
         if self.budget_bytes is None:
             return
-        if self.prefix_bytes + needed > self.budget_bytes:
+        self._check_fits(needed)
+        while self.cache_bytes() + needed > self.budget_bytes:
+            if not self._evict_least_recent(keep):
+                raise ValueError(self._batch_too_large(keep, needed))
+
+    def _check_fits(self, needed: int) -> None:
+        if self.budget_bytes is not None and self.prefix_bytes + needed > self.budget_bytes:
             raise ValueError(
                 f"memory_budget_bytes={self.budget_bytes} cannot hold one session ({needed} bytes) plus the "
                 f"market prefix ({self.prefix_bytes} bytes)"
             )
-        while self.cache_bytes() + needed > self.budget_bytes:
-            if not self._evict_least_recent(keep):
-                raise ValueError(
-                    f"memory_budget_bytes={self.budget_bytes} cannot hold the {len(keep)} sessions of one batch "
-                    f"(another {needed} bytes on top of {self.cache_bytes()}): raise the budget or send fewer symbols"
-                )
+
+    def _batch_too_large(self, keep: Collection[str], needed: int) -> str:
+        return (
+            f"memory_budget_bytes={self.budget_bytes} cannot hold the {len(keep)} sessions of one batch "
+            f"(another {needed} bytes on top of {self.cache_bytes()}): raise the budget or send fewer symbols"
+        )
 
     def enforce(self, headroom: int, keep: Collection[str]) -> None:
         """Keeps ``headroom`` bytes free for caches that grow, evicting sessions outside ``keep``; records the peak."""
@@ -106,8 +139,14 @@ class SessionStore:
             raise ValueError(f"unknown symbol {symbol!r}")
         session = self._sessions[symbol]
         if session.cache is not None:
-            session.cache = None
+            self.drop_cache(session)
             self.evictions += 1
+
+    def drop_cache(self, session: Session) -> None:
+        """Forgets the session's cache (before a rebuild, or as an eviction), freeing its slot if it holds one."""
+        if self.pool is not None and self.pool.owns(session.cache):
+            self.pool.release(session.cache)
+        session.cache = None
 
     def _evict_least_recent(self, keep: Collection[str]) -> bool:
         for symbol, session in self._sessions.items():
