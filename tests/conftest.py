@@ -16,6 +16,15 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of one-token steps: a second thread only waits at barriers on the CI machine's two shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def random_walk_prices():
     """A geometric random walk with 1% daily volatility: realistic scale for the default return grid."""

@@ -53,13 +53,7 @@ def test_tokenizer_rejects_bad_input_and_round_trips(tmp_path):
     assert OrderBookTokenizer.from_pretrained(tmp_path) == tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One forward per tick of a 100k-parameter model: a second thread only waits at barriers on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

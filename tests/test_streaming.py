@@ -16,13 +16,7 @@ from hf_kvtrade.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from hf_kvtrade.streaming import StreamingForecaster
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One-token steps gain nothing from a second thread, and the CI machine's two cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
