@@ -147,3 +147,18 @@ def test_cache_bench_scores_every_policy_in_nats_per_bar(tmp_path, tiny_checkpoi
     assert long_stream["stream_ticks_before_first_scored_bar"] == 8 * 24 and long_stream["series"] == ["sp500"]
     assert long_stream["tokens_held"] == 6 and np.isfinite(long_stream["nll_change"])
     assert MACHINE_KEYS <= set(result["machine"])
+
+
+def test_orderbook_bench_replays_the_capture_through_both_caches(tmp_path):
+    """`kvtrade bench orderbook` end to end on the shipped order-book model, over the capture's first events."""
+    out = tmp_path / "orderbook.json"
+    assert main(["bench", "orderbook", "--limit-events", "8000", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["order_events"] == 8000 and result["peak_live_events_per_s"] > 0
+    int8, full = result["rows"]["analyzer, int8 cache"], result["rows"]["analyzer, full cache"]
+    assert int8["ticks"] == full["ticks"] > 0
+    # int8 codes plus per-token scales hold fewer bytes than fp32 keys and values of the same tokens.
+    assert 0 < int8["cache_bytes"] < full["cache_bytes"]
+    assert result["int8_vs_full_max_prob_difference"] < 0.05
+    assert result["target_met"] == (result["headroom"] >= result["target_headroom"])
+    assert MACHINE_KEYS <= set(result["machine"])
