@@ -35,6 +35,14 @@ def test_forecast_names_a_missing_column(tmp_path):
         main(["forecast", "--csv", str(path)])
 
 
+
+def test_stream_replays_the_default_series(capsys):
+    assert main(["stream", "--limit", "30"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Thirty ticks of the S&P 500, each with a forecast, then the latency summary.
+    assert sum("P(up)" in line for line in lines) == 30
+    assert lines[-1].startswith("30 ticks")
+
 def _run_in_a_fresh_interpreter(script: str, timeout: int) -> str:
     # A fresh interpreter: this test process has imported torch long ago.
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)

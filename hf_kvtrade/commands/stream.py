@@ -7,7 +7,7 @@ from ..checkpoint import SHIPPED_CHECKPOINT
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("stream", help="replay a bundled series bar by bar, printing each forecast")
-    parser.add_argument("--data", required=True, help="bundled series name (see hf_kvtrade.data)")
+    parser.add_argument("--data", default="sp500", help="bundled series name (default: %(default)s; see hf_kvtrade.data)")
     parser.add_argument("--limit", type=int, help="stop after N bars")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--policy", default="full", help="cache policy of the streaming engine")
