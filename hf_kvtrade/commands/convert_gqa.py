@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import SHIPPED_CHECKPOINT
+
 REPORT_FILE = "conversion.json"
 
 
@@ -12,9 +14,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert-gqa", help="mean-pool key/value heads into K groups, optionally uptrain, and save the checkpoint"
     )
-    parser.add_argument("source", metavar="SRC", help="checkpoint folder to convert")
-    parser.add_argument("destination", metavar="DST", help="folder for the converted checkpoint")
-    parser.add_argument("--kv-heads", type=int, required=True, help="key/value heads after conversion (divides SRC's)")
+    parser.add_argument("source", metavar="SRC", nargs="?", default=str(SHIPPED_CHECKPOINT),
+                        help="checkpoint folder to convert (default: the shipped model)")
+    parser.add_argument("destination", metavar="DST", nargs="?", default="out/convert-gqa/kvtrade-small-mqa",
+                        help="folder for the converted checkpoint (default: %(default)s)")
+    parser.add_argument("--kv-heads", type=int, default=1,
+                        help="key/value heads after conversion, dividing SRC's (default: %(default)s, multi-query)")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="Trainer steps after pooling (default: none)")
     parser.add_argument("--series", default="all", help="comma-separated bundled series for uptraining and the test NLL, or 'all'")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -1,6 +1,8 @@
-"""`kvtrade serve CHECKPOINT`: vLLM's OpenAI-compatible server for a KVTrade checkpoint."""
+"""`kvtrade serve [CHECKPOINT]`: vLLM's OpenAI-compatible server for a KVTrade checkpoint."""
 
 from __future__ import annotations
+
+from ..checkpoint import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
@@ -14,7 +16,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)"
     )
-    parser.add_argument("checkpoint", help="model folder saved by Forecaster.save_pretrained")
+    parser.add_argument(
+        "checkpoint", nargs="?", default=str(SHIPPED_CHECKPOINT),
+        help="model folder saved by Forecaster.save_pretrained (default: the shipped model)",
+    )  # fmt: skip
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, local only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
     parser.add_argument("--api-key", help="require this bearer token on /v1 requests")
