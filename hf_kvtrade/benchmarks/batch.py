@@ -38,7 +38,7 @@ def run(args) -> int:
     from ..checkpoint import load_checkpoint
     from ..context import ContextPolicy
     from ..streaming import StreamingForecaster
-    from ._common import machine_info, write_json
+    from ._common import machine_info, percentile_ms, write_json
 
     rounds = 3 if args.quick else args.rounds
     longest = min(args.history, 128) if args.quick else args.history
@@ -87,9 +87,9 @@ def run(args) -> int:
             "speedup": round(batched_rate / sequential_rate, 2),
             # The same ratio in CPU time of the ticking thread: what it is when no other process takes the core.
             "cpu_speedup": round(sum(sequential_cpu_s) / sum(batch_cpu_s), 2),
-            "batch_step_p50_ms": round(float(np.percentile(batch_s, 50)) * 1e3, 2),
-            "batch_step_p99_ms": round(float(np.percentile(batch_s, 99)) * 1e3, 2),
-            "sequential_round_p50_ms": round(float(np.percentile(sequential_s, 50)) * 1e3, 2),
+            "batch_step_p50_ms": round(percentile_ms(batch_s, 50), 2),
+            "batch_step_p99_ms": round(percentile_ms(batch_s, 99), 2),
+            "sequential_round_p50_ms": round(percentile_ms(sequential_s, 50), 2),
             "cache_bytes": engine.cache_bytes(),
         }
         print(f"{count:4d} symbols: {results[str(count)]}", flush=True)

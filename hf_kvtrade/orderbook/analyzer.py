@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ..context import ContextPolicy
+from ..distribution import DEFAULT_QUANTILES
 from .features import CLOCK_MS, TickClock
 from .tokenizer import OrderBookTokenizer
-
-DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @dataclass(frozen=True)
@@ -177,4 +176,4 @@ class StreamingOrderBookAnalyzer:
         return output.logits[0, -1].float().numpy()
 
 
-__all__ = ["DEFAULT_QUANTILES", "StreamingOrderBookAnalyzer", "TickForecast", "merged_events"]
+__all__ = ["StreamingOrderBookAnalyzer", "TickForecast", "merged_events"]
