@@ -1,12 +1,9 @@
 """The baseline of `kvtrade bench serve`'s load test: the HTTP server a user would write around `Forecaster`.
 
-Standard library only: a ``ThreadingHTTPServer`` (one thread per connection) whose ``POST /forecast`` takes
-``{"prices": [...], "horizon": h, "num_samples": n}``, runs ``Forecaster.predict`` for that one request and answers
-with the forecast: the whole next-bar distribution for horizon 1, the sampled paths otherwise. No batching across
-requests, no cache across requests. ``GET /health`` answers 200 once the model is loaded.
-
-With ``--serialize`` one request at a time runs the model (a lock); without it, every connection's thread runs its
-own forward pass at once, each with torch's intra-op threads.
+A standard-library ``ThreadingHTTPServer`` (one thread per connection): ``POST /forecast`` takes ``{"prices": [...],
+"horizon": h, "num_samples": n}`` and answers with ``Forecaster.predict``'s forecast for that one request (the
+next-bar distribution for horizon 1, the sampled paths otherwise), with no batching or cache across requests.
+``GET /health`` answers 200 once the model is loaded. With ``--serialize`` a lock runs one forecast at a time.
 
     python -m hf_kvtrade.benchmarks._naive_server CHECKPOINT --port 8100
 """
@@ -14,6 +11,7 @@ own forward pass at once, each with torch's intra-op threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,10 +37,11 @@ def make_handler(forecaster, lock):
                 return
             try:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                horizon = int(request.get("horizon", 1))
                 with lock:
                     forecast = forecaster.predict(
-                        request["prices"], horizon=horizon, num_samples=int(request.get("num_samples", 256))
+                        request["prices"],
+                        horizon=int(request.get("horizon", 1)),
+                        num_samples=int(request.get("num_samples", 256)),
                     )
             except (ValueError, KeyError, TypeError) as error:
                 self._send(400, {"error": str(error)})
@@ -82,24 +81,11 @@ def main(argv=None) -> None:
 
     from ..forecasting import Forecaster
 
-    forecaster = Forecaster.from_pretrained(args.checkpoint)
-    lock = threading.Lock() if args.serialize else _NoLock()
-    server = ForecastServer((args.host, args.port), make_handler(forecaster, lock))
+    lock = threading.Lock() if args.serialize else contextlib.nullcontext()
+    server = ForecastServer((args.host, args.port), make_handler(Forecaster.from_pretrained(args.checkpoint), lock))
     print(f"naive Transformers server on http://{args.host}:{args.port}/forecast", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
