@@ -1,24 +1,17 @@
 """Prefix-cache hit ratios of a stream of prompts: what was measured, and what a whole-block cache can serve at best.
 
-vLLM caches whole KV blocks (32 tokens on the CPU backend), chained from the first token of a prompt, and always
-recomputes at least the last prompt token (it needs its logits), so a request of ``L`` prompt tokens can hit at
-most ``floor((L - 1) / 32) * 32`` of them. Two ratios are reported over a run:
-
-- ``hit_ratio``: cached tokens / prompt tokens, everything counted;
-- ``full_block_hit_ratio``: cached tokens / tokens in full blocks (``floor(L / 32) * 32`` per request), the part
-  of each prompt a block cache can hold at all: the last partial block is never cached, by design.
-
-``ideal_cached_tokens`` replays a stream against an unbounded whole-block cache with vLLM's rule, so a measured
-run can be compared with the best any block cache could do on the same prompts.
-
-This module imports neither torch nor vLLM: ``kvtrade bench serve`` reports these numbers, the tests check them.
+vLLM caches whole KV blocks, chained from the first token of a prompt, and always recomputes at least the last
+prompt token (it needs its logits), so a request of ``L`` prompt tokens can hit at most ``floor((L - 1) / block)``
+blocks. ``hit_ratio`` counts cached tokens over all prompt tokens; ``full_block_hit_ratio`` over the tokens in full
+blocks, the part of a prompt a block cache can hold at all (the last partial block is never cached, by design).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
-BLOCK_SIZE = 32
+from ..serving import CPU_BLOCK_SIZE as BLOCK_SIZE
 
 
 def full_block_tokens(prompt_length: int, block_size: int = BLOCK_SIZE) -> int:
@@ -48,26 +41,16 @@ def hit_ratios(prompt_lengths: Sequence[int], cached_tokens: Sequence[int], bloc
 def ideal_cached_tokens(prompts: Sequence[Sequence[int]], block_size: int = BLOCK_SIZE) -> list[int]:
     """Cached tokens per request if the prompts ran in order against an unbounded whole-block prefix cache.
 
-    A block hits when the block and every block before it in the prompt were in some earlier prompt at the same
-    place (vLLM chains block hashes from the start); a request hits at most its first ``L - 1`` tokens; after a
-    request, every full block of its prompt is cached.
+    A block hits when it and every block before it were in an earlier prompt at the same place (vLLM chains block
+    hashes from the start), within the first ``L - 1`` tokens; after a request every full block of it is cached.
     """
     cached_blocks: set[int] = set()
     hits = []
     for prompt in prompts:
-        prompt = list(prompt)
-        keys, key = [], 0
-        for index in range(len(prompt) // block_size):
-            key = hash((key, tuple(prompt[index * block_size : (index + 1) * block_size])))
-            keys.append(key)
-        hit = 0
-        for key in keys[: (len(prompt) - 1) // block_size]:
-            if key not in cached_blocks:
-                break
-            hit += block_size
-        hits.append(hit)
+        starts = range(0, full_block_tokens(len(prompt), block_size), block_size)
+        blocks = (tuple(prompt[start : start + block_size]) for start in starts)
+        keys = list(itertools.accumulate(blocks, lambda key, block: hash((key, block)), initial=0))[1:]
+        hittable = keys[: (len(prompt) - 1) // block_size]
+        hits.append(block_size * len(list(itertools.takewhile(cached_blocks.__contains__, hittable))))
         cached_blocks.update(keys)
     return hits
-
-
-__all__ = ["BLOCK_SIZE", "full_block_tokens", "hit_ratios", "ideal_cached_tokens"]
