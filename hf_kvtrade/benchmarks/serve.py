@@ -1,16 +1,9 @@
 """`kvtrade bench serve`: vLLM against Transformers on the same context windows, side by side in one run.
 
-- ``throughput``: forecasts/s of Transformers ``Forecaster`` (one symbol at a time, as its API works) against vLLM's
-  offline engine (``OfflineForecaster``, all symbols in one batch), sampled paths and exact horizon-1 forecasts;
-  horizon 1 also with flat logprobs and with none, which splits its cost into model and output path. The prompts
-  are asserted identical, and vLLM's prefix cache is reset before each timed batch so it prefills as much.
-- ``load``: p50/p99 latency and throughput of concurrent clients, each sending ROUNDS requests (a new bar each),
-  against a real `kvtrade serve` and the server a user would write around ``Forecaster.predict``
-  (``_naive_server``, threaded and serialized), all on 127.0.0.1 and stopped at the end.
-- ``prefix``: the prefix-cache hit ratio of a live stream past the window, through the server and the offline
-  engine, and the latency of a new-bar request with its history cached against a reset cache.
-- ``fairness``: one-token forecasts beside heavy requests at the server's token budget (``_fairness``).
-
+``throughput`` times Transformers ``Forecaster`` (one symbol at a time, as its API works) against vLLM's offline
+engine (all symbols in one batch) on identical prompts with a reset prefix cache; ``load`` times concurrent clients
+against a real `kvtrade serve` and the server a user would write around ``Forecaster.predict`` (``_naive_server``);
+``prefix`` measures the prefix-cache hit ratio of a live stream past the window; ``fairness`` is ``_fairness``.
 Price histories are seeded random walks (cost does not depend on the prices), of lengths spread over one rebase
 stride so that the windows cover every context length the policy produces.
 """
@@ -29,9 +22,11 @@ import tempfile
 import time
 from functools import partial
 
+import numpy as np
+
 from ..checkpoint import SHIPPED_CHECKPOINT
 from . import _fairness
-from ._common import context_list, percentile_ms
+from ._common import context_list, percentile_ms, time_calls
 
 SECTIONS = ("throughput", "load", "prefix", "fairness")
 QUICK = {"symbols": 8, "stream_bars": 400, "concurrency": (8, 32), "rounds": 1}
@@ -82,8 +77,6 @@ def add_arguments(parser) -> None:
 # ----------------------------------------------------------------------------------------------------- prompts
 def random_histories(count: int, bars: int, stride: int, seed: int) -> list:
     """``count`` seeded random-walk price series of ``bars`` to ``bars + stride - 1`` bars, spread evenly."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     lengths = [bars + index * stride // count for index in range(count)]
     return [100.0 * np.exp(np.cumsum(rng.normal(0.0, 0.01, length))) for length in lengths]
@@ -123,7 +116,22 @@ def run(args) -> int:
     policy = ContextPolicy.from_pretrained(checkpoint)
     sections = [name for name in SECTIONS if name in args.sections]
     load_average = {"start": list(os.getloadavg())}
-    payload: dict = {"setup": _setup(args, checkpoint, policy, sections, load_average)}
+    payload: dict = {
+        "setup": {
+            "model": str(checkpoint),
+            "sections": sections,
+            "policy": {"window": policy.window, "stride": policy.stride},
+            **{name: getattr(args, name) for name in ("symbols", "paths", "steps", "repeats", "rounds", "naive")},
+            "bars": f"{args.bars} to {args.bars + policy.stride - 1}",
+            "concurrency": list(args.concurrency),
+            "load_kinds": list(args.load_kinds),
+            "load_average": load_average,
+            "stream": {"series": args.stream_series, "bars": args.stream_bars},
+            "vllm_compiled": args.compile,
+            "quick": args.quick,
+            "latency_statistic": "median of repeats for throughput; p50/p99 over requests under load",
+        }
+    }
     started = time.perf_counter()
     if "throughput" in sections or "prefix" in sections:
         payload.update(_offline_sections(args, checkpoint, policy, sections))
@@ -142,23 +150,6 @@ def run(args) -> int:
     write_json(args.json, payload)
     print("\n" + summary(payload) + f"\nwrote {args.json}", flush=True)
     return 0
-
-
-def _setup(args, checkpoint, policy, sections, load_average: dict) -> dict:
-    return {
-        "model": str(checkpoint),
-        "sections": sections,
-        "policy": {"window": policy.window, "stride": policy.stride},
-        **{name: getattr(args, name) for name in ("symbols", "paths", "steps", "repeats", "rounds", "naive")},
-        "bars": f"{args.bars} to {args.bars + policy.stride - 1}",
-        "concurrency": list(args.concurrency),
-        "load_kinds": list(args.load_kinds),
-        "load_average": load_average,
-        "stream": {"series": args.stream_series, "bars": args.stream_bars},
-        "vllm_compiled": args.compile,
-        "quick": args.quick,
-        "latency_statistic": "median of repeats for throughput; p50/p99 over requests under load",
-    }
 
 
 # ---------------------------------------------------------------------------------------- (a) offline engine
@@ -193,7 +184,6 @@ def _offline_sections(args, checkpoint, policy, sections) -> dict:
 
 
 def _throughput(args, hf, vllm, policy) -> dict:
-    import numpy as np
     from vllm import SamplingParams
 
     from ..distribution import BinnedDistribution, Forecast
@@ -274,7 +264,6 @@ def flat_next_token_probs(vllm, prompts):
     The same numbers (every token's logprob, exact), kept by vLLM in flat lists instead of one ``Logprob`` object
     per token per request, and read here without building a dict.
     """
-    import numpy as np
     from vllm import SamplingParams
 
     vocab = vllm.tokenizer.vocab_size
@@ -292,7 +281,6 @@ def _new_bar_latencies(vllm, prices, policy, ticks: int) -> dict:
 
     Only bars whose history and history-plus-one share the policy's anchor are timed (streaming between rebases).
     """
-    import numpy as np
     from vllm import SamplingParams
 
     one_token = SamplingParams(max_tokens=1)
@@ -435,19 +423,14 @@ def _server_sections(args, checkpoint, policy, sections) -> dict:
 
 def _server_logprobs_cost(args, client, hf) -> dict:
     """Median time of one request for SYMBOLS horizon-1 prompts, with every token's logprob and with none."""
-    import numpy as np
-
     histories = random_histories(args.symbols, args.bars, client.context_policy.stride, seed=7)
     prompts = matched_prompts(hf, client, histories, 1)
     vocab = client.tokenizer.vocab_size
-    variants = {"with": {"logprobs": vocab}, "without": {}}
     client.complete(prompts, max_tokens=1)  # the prompts' blocks enter the prefix cache: both variants hit them
-    seconds = {name: [] for name in variants}
-    for _ in range(max(args.repeats, 1)):
-        for name, params in variants.items():
-            start = time.perf_counter()
-            client.complete(prompts, max_tokens=1, **params)
-            seconds[name].append(time.perf_counter() - start)
+    seconds = {
+        name: time_calls(partial(client.complete, prompts, max_tokens=1, **params), max(args.repeats, 1), warmup=0)
+        for name, params in {"with": {"logprobs": vocab}, "without": {}}.items()
+    }
     return {
         "prompts": len(prompts),
         "logprobs": vocab,
@@ -485,19 +468,17 @@ def _load(args, server: str, url: str, stride: int, client_bodies, parse, cached
 
 def _vllm_load(args, client, hf) -> dict:
     """The `/v1/completions` bodies `ForecastClient.next_token_probs` / `.sample_paths` send, one prompt each."""
-    import numpy as np
-
     from ..distribution import PathSampling
 
+    body = {"model": client.model, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    sampling = {
+        "h1": {"max_tokens": 1, "logprobs": client.tokenizer.vocab_size},
+        "paths": PathSampling.for_tokenizer(client.tokenizer, args.steps, args.paths).vllm_kwargs(),
+    }
+
     def client_bodies(prices, kind, rounds):
-        body = {"model": client.model, "return_token_ids": True, "return_tokens_as_token_ids": True}
-        if kind == "h1":
-            body |= {"max_tokens": 1, "logprobs": client.tokenizer.vocab_size}
-        else:
-            body |= PathSampling.for_tokenizer(client.tokenizer, args.steps, args.paths).vllm_kwargs()
-        horizon = 1 if kind == "h1" else args.steps
-        prompts = matched_prompts(hf, client, _rounds(prices, rounds), horizon)
-        return [json.dumps({**body, "prompt": [prompt]}).encode() for prompt in prompts]
+        prompts = matched_prompts(hf, client, _rounds(prices, rounds), 1 if kind == "h1" else args.steps)
+        return [json.dumps({**body, **sampling[kind], "prompt": [prompt]}).encode() for prompt in prompts]
 
     def parse(kind, answer):
         if kind == "paths":
@@ -510,8 +491,6 @@ def _vllm_load(args, client, hf) -> dict:
 
 
 def _naive_load(args, checkpoint, policy, serialize: bool) -> dict:
-    import numpy as np
-
     def client_bodies(prices, kind, rounds):
         horizon = 1 if kind == "h1" else args.steps
         return [
