@@ -259,11 +259,8 @@ def _throughput(args, hf, vllm, policy) -> dict:
 
 
 def flat_next_token_probs(vllm, prompts):
-    """``OfflineForecaster.next_token_probs`` read from vLLM's flat logprobs (``SamplingParams.flat_logprobs``).
-
-    The same numbers (every token's logprob, exact), kept by vLLM in flat lists instead of one ``Logprob`` object
-    per token per request, and read here without building a dict.
-    """
+    """``OfflineForecaster.next_token_probs`` from ``SamplingParams(flat_logprobs=True)``: the same numbers, kept by
+    vLLM in flat lists instead of one ``Logprob`` object per token per request, and read without building a dict."""
     from vllm import SamplingParams
 
     vocab = vllm.tokenizer.vocab_size
@@ -337,11 +334,8 @@ def _stream(args, hf, encoder, cached_tokens, where: str) -> dict:
 # ------------------------------------------------------------------------------------------------ (b) servers
 @contextlib.contextmanager
 def _local_server(name: str, command_for_port, env: dict | None = None):
-    """A server subprocess on a free 127.0.0.1 port for the ``with`` block; yields its base URL.
-
-    It runs in its own process group, is waited for on ``/health``, and is always stopped with every process it
-    spawned (vLLM's engine).
-    """
+    """A server subprocess on a free 127.0.0.1 port, waited for on ``/health``; yields its base URL. It runs in its
+    own process group, stopped at the end with every process it spawned (vLLM's engine)."""
     import httpx
 
     with socket.socket() as sock:
