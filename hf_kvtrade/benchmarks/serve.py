@@ -41,7 +41,7 @@ OPTIONS = (
     ("--paths", int, 16, "sampled paths per forecast"),
     ("--steps", int, 8, "sampled forecast horizon in bars"),
     ("--repeats", int, 3, "timed batches per side; the median is reported"),
-    ("--concurrency", context_list, (64, 256), "concurrent clients, comma-separated"),
+    ("--concurrency", context_list, "64,256", "concurrent clients, comma-separated"),
     ("--rounds", int, 2, "requests per client in the load test"),
     ("--level-timeout", float, 300.0, "seconds a load level may take before it is cut"),
     ("--stream-series", str, "sp500", "bundled series streamed for the hit ratio"),
