@@ -156,13 +156,6 @@ def sample_params(rng: np.random.Generator, model: str | None = None) -> Synthet
     return replace(params, tick=_nice_tick(params.start_price * relative_tick))
 
 
-def standardized_t(rng: np.random.Generator, nu: float, size: int) -> np.ndarray:
-    """Student-t draws scaled to unit variance (Gaussian for ``nu = inf``)."""
-    if np.isinf(nu):
-        return rng.standard_normal(size)
-    return rng.standard_t(nu, size) * np.sqrt((nu - 2.0) / nu)
-
-
 def _garch_variance(params: SyntheticParams, z: np.ndarray) -> np.ndarray:
     h = np.empty(len(z))
     h_prev, e_prev = params.sigma**2, 0.0  # start at the unconditional variance, no shock
@@ -201,7 +194,8 @@ def simulate(params: SyntheticParams, length: int, rng: np.random.Generator, nam
     if length < 2:
         raise ValueError(f"need at least 2 prices, got {length}")
     n = length - 1
-    z = standardized_t(rng, params.nu, n)
+    nu = params.nu
+    z = rng.standard_normal(n) if np.isinf(nu) else rng.standard_t(nu, n) * np.sqrt((nu - 2.0) / nu)  # unit variance
     regimes = None
     if params.model in ("garch", "gjr"):
         variance = _garch_variance(params, z)
@@ -260,6 +254,5 @@ __all__ = [
     "generate",
     "sample_params",
     "simulate",
-    "standardized_t",
     "synthetic_frames",
 ]

