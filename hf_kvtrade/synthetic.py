@@ -86,11 +86,6 @@ class SyntheticParams:
         calm = self.sigma / np.sqrt(1.0 + self.turbulent_share * (self.vol_ratio**2 - 1.0))
         return calm, calm * self.vol_ratio
 
-    @property
-    def return_variance(self) -> float:
-        """Unconditional variance of ``r_t - mu``, jumps included."""
-        return self.sigma**2 + self.jump_intensity * (self.jump_mean**2 + self.jump_std**2)
-
 
 @dataclass
 class SyntheticSeries:

@@ -94,8 +94,6 @@ def read_ohlcv(
         timezone: zone of timezone-naive timestamps; aware timestamps are converted to UTC.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     elif ".csv" in path.suffixes:

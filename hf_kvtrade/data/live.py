@@ -1,7 +1,6 @@
 """Live market data for users with internet: Bybit v5 klines over plain HTTP, and Yahoo Finance via yfinance.
 
-Both return the same frame as every other loader (UTC ``DatetimeIndex``, float OHLCV columns), validated by
-:func:`~hf_kvtrade.data.files.validate_ohlcv`.
+Both return the same validated frame as every other loader (UTC ``DatetimeIndex``, float OHLCV columns).
 """
 
 from __future__ import annotations
@@ -119,11 +118,7 @@ class BybitClient:
 
 
 def _epoch_ms(stamp) -> int | None:
-    if stamp is None:
-        return None
-    stamp = pd.Timestamp(stamp)
-    stamp = stamp.tz_localize("UTC") if stamp.tz is None else stamp
-    return int(stamp.timestamp() * 1000)
+    return None if stamp is None else int(pd.Timestamp(stamp).timestamp() * 1000)  # naive stamps count as UTC
 
 
 def fetch_yfinance(ticker: str, start=None, end=None, interval: str = "1d", **history_kwargs) -> pd.DataFrame:
