@@ -48,9 +48,9 @@ def validate_ohlcv(
         frame = frame[~duplicated]
 
     prices = frame[[column for column in PRICE_COLUMNS if column in frame.columns]]
-    invalid = ~(np.isfinite(prices) & (prices > 0)).to_numpy()
+    values = prices.to_numpy()
     # A missing open/high/low on a bar that has a close is harmless; the close is what gets tokenized.
-    invalid &= ~(prices.isna().to_numpy() & ~prices.columns.isin(["close"]))
+    invalid = ~(np.isfinite(values) & (values > 0)) & (~np.isnan(values) | (prices.columns == "close"))
     bad_rows = invalid.any(axis=1)
     if bad_rows.any():
         if not repair:

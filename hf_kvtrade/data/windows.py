@@ -29,8 +29,7 @@ def split_periods(frame: pd.DataFrame, fractions: tuple[float, float, float] = P
         raise ValueError("frame must be sorted by time before it is split")
     if len(frame) < 6:
         raise ValueError(f"need at least 6 bars to split into three periods of two or more bars, got {len(frame)}")
-    train_end = int(round(len(frame) * fractions[0]))
-    validation_end = int(round(len(frame) * (fractions[0] + fractions[1])))
+    train_end, validation_end = (int(round(len(frame) * edge)) for edge in np.cumsum(fractions[:2]))
     return frame.iloc[:train_end], frame.iloc[train_end:validation_end], frame.iloc[validation_end:]
 
 
