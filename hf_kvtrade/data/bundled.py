@@ -143,11 +143,7 @@ BUNDLED_SERIES = {series.name: series for series in _SERIES}
 
 def bundled_series_names(include_optional: bool = False) -> list[str]:
     """Names of the bundled series. Optional ones (not a runtime dependency) are listed only when installed."""
-    return [
-        series.name
-        for series in _SERIES
-        if not series.optional or (include_optional and series.available)
-    ]
+    return [series.name for series in _SERIES if not series.optional or (include_optional and series.available)]
 
 
 def series_info(name: str) -> BundledSeries:

