@@ -1,30 +1,10 @@
-"""Synthetic price series with known volatility dynamics, for pretraining before the real series.
+"""Seeded synthetic price series with known volatility dynamics, for pretraining before the real series.
 
-Each series draws its own parameters from a seeded ``numpy.random.Generator`` and simulates log-returns
-
-    r_t = mu + sqrt(h_t) * z_t + J_t
-
-where ``z_t`` is Student-t with ``nu`` degrees of freedom scaled to unit variance, ``h_t`` the conditional
-variance of one of four models, and ``J_t`` an optional compound-Poisson jump:
-
-- ``garch``: GARCH(1,1), ``h_t = omega + alpha * e_{t-1}^2 + beta * h_{t-1}`` with ``e = sqrt(h) z``;
-- ``gjr``: GJR-GARCH, the same plus ``gamma * e_{t-1}^2`` after a negative shock (the leverage effect);
-- ``sv``: stochastic volatility, ``log h_t`` an AR(1) with persistence ``phi`` and its own Gaussian noise;
-- ``regime``: a two-state Markov chain switches ``h_t`` between a calm and a turbulent level.
-
-Parameters are set so the diffusive part has unconditional variance ``sigma**2``: ``omega = sigma**2 * (1 -
-alpha - beta - gamma / 2)`` for the GARCH family (symmetric ``z``), ``E[h] = sigma**2`` for the log-normal SV and
-the stationary mix of the two regimes for ``regime``. ``sigma`` is drawn log-uniformly from 1e-4 (FX hourly) to
-5e-2 (crypto). Jumps (for about half the series) arrive ``jump_intensity`` times per bar on average, each
-``N(jump_mean, jump_std**2)``, on top of that variance.
-
-Prices start at ``start_price`` and are rounded to a per-series ``tick``: a "nice" size (1, 2 or 5 times a
-power of ten) between 1e-6 and the smaller of 1e-3 and ``sigma`` relative to the start price, so some series
-move by few ticks per bar and show the zero returns and discreteness of real quotes.
-
-:func:`synthetic_frames` returns the same frames as :func:`hf_kvtrade.data.load_series` (a UTC
-``DatetimeIndex`` named ``timestamp`` and a float ``close`` column), so the token-window code takes them as they
-are. Series ``i`` of a seed is the same however many series are generated (one child seed per series).
+Log-returns are ``r_t = mu + sqrt(h_t) z_t + J_t``: ``z`` Student-t scaled to unit variance, ``h`` the conditional
+variance of GARCH(1,1), GJR-GARCH (leverage: ``gamma`` more after a fall), log-AR(1) stochastic volatility or a
+two-state Markov regime, always with unconditional variance ``sigma**2``, and ``J`` optional compound-Poisson jumps.
+Prices are rounded to a per-series tick, so quiet series show the zero returns of real quotes. docs/data.md gives
+the parameter ranges. Series ``i`` of a seed is the same however many series are generated (one child seed each).
 """
 
 from __future__ import annotations
@@ -33,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
+import scipy.signal
 
 MODELS = ("garch", "gjr", "sv", "regime")
 SIGMA_RANGE = (1e-4, 5e-2)
@@ -77,25 +58,22 @@ class SyntheticParams:
                                                     and self.persistence < 1):  # fmt: skip
             raise ValueError(f"GARCH needs alpha, beta, gamma >= 0 and alpha + beta + gamma/2 < 1, got {self}")
         if self.model == "sv" and not (0 <= self.phi < 1 and self.vol_of_vol >= 0):
-            raise ValueError(f"SV needs 0 <= phi < 1 and vol_of_vol >= 0, got phi={self.phi}, vol_of_vol={self.vol_of_vol}")
-        if self.model == "regime" and not (0 < self.stay_calm < 1 and 0 < self.stay_turbulent < 1 and self.vol_ratio >= 1):
+            raise ValueError(f"SV needs 0 <= phi < 1 and vol_of_vol >= 0, got phi={self.phi}, "
+                             f"vol_of_vol={self.vol_of_vol}")  # fmt: skip
+        stays = (self.stay_calm, self.stay_turbulent)
+        if self.model == "regime" and not (all(0 < stay < 1 for stay in stays) and self.vol_ratio >= 1):
             raise ValueError("regimes need stay probabilities strictly between 0 and 1 and vol_ratio >= 1")
         if self.jump_intensity < 0 or self.jump_std < 0 or self.tick < 0 or self.start_price <= 0:
             raise ValueError("jump_intensity, jump_std and tick must be >= 0 and start_price > 0")
 
     @property
     def persistence(self) -> float:
-        """``alpha + beta + gamma / 2``: how slowly a GARCH variance shock decays."""
+        """How slowly a GARCH variance shock decays (``gamma / 2``: symmetric ``z`` falls half the time)."""
         return self.alpha + self.beta + self.gamma / 2
 
     @property
     def omega(self) -> float:
         return self.sigma**2 * (1.0 - self.persistence)
-
-    @property
-    def sv_stationary_std(self) -> float:
-        """Std of ``log h`` around its mean, ``vol_of_vol / sqrt(1 - phi^2)``."""
-        return self.vol_of_vol / np.sqrt(1.0 - self.phi**2)
 
     @property
     def turbulent_share(self) -> float:
@@ -107,11 +85,6 @@ class SyntheticParams:
         """Calm and turbulent stds whose stationary mix has variance ``sigma**2``."""
         calm = self.sigma / np.sqrt(1.0 + self.turbulent_share * (self.vol_ratio**2 - 1.0))
         return calm, calm * self.vol_ratio
-
-    @property
-    def return_variance(self) -> float:
-        """Unconditional variance of ``r_t - mu``: the diffusive ``sigma**2`` plus the jumps'."""
-        return self.sigma**2 + self.jump_intensity * (self.jump_mean**2 + self.jump_std**2)
 
 
 @dataclass
@@ -127,7 +100,6 @@ class SyntheticSeries:
     regimes: np.ndarray | None = None  # 1 where turbulent (regime model only)
 
 
-# ------------------------------------------------------------------------------------------------ parameters
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
@@ -179,14 +151,6 @@ def sample_params(rng: np.random.Generator, model: str | None = None) -> Synthet
     return replace(params, tick=_nice_tick(params.start_price * relative_tick))
 
 
-# ------------------------------------------------------------------------------------------------ simulation
-def standardized_t(rng: np.random.Generator, nu: float, size: int) -> np.ndarray:
-    """Student-t draws scaled to unit variance (Gaussian for ``nu = inf``)."""
-    if np.isinf(nu):
-        return rng.standard_normal(size)
-    return rng.standard_t(nu, size) * np.sqrt((nu - 2.0) / nu)
-
-
 def _garch_variance(params: SyntheticParams, z: np.ndarray) -> np.ndarray:
     h = np.empty(len(z))
     h_prev, e_prev = params.sigma**2, 0.0  # start at the unconditional variance, no shock
@@ -199,14 +163,11 @@ def _garch_variance(params: SyntheticParams, z: np.ndarray) -> np.ndarray:
 
 
 def _sv_variance(params: SyntheticParams, n: int, rng: np.random.Generator) -> np.ndarray:
-    s = params.sv_stationary_std
+    s = params.vol_of_vol / np.sqrt(1.0 - params.phi**2)  # the stationary std of log h
     mean = np.log(params.sigma**2) - s**2 / 2  # so that E[h] = exp(mean + s^2/2) = sigma^2
     noise = rng.standard_normal(n) * params.vol_of_vol
-    log_h = np.empty(n)
-    x = rng.standard_normal() * s  # start from the stationary distribution
-    for t in range(n):
-        x = params.phi * x + noise[t]
-        log_h[t] = x
+    start = rng.standard_normal() * s  # from the stationary distribution
+    log_h = scipy.signal.lfilter([1.0], [1.0, -params.phi], noise, zi=[params.phi * start])[0]
     return np.exp(mean + log_h)
 
 
@@ -228,7 +189,8 @@ def simulate(params: SyntheticParams, length: int, rng: np.random.Generator, nam
     if length < 2:
         raise ValueError(f"need at least 2 prices, got {length}")
     n = length - 1
-    z = standardized_t(rng, params.nu, n)
+    nu = params.nu
+    z = rng.standard_normal(n) if np.isinf(nu) else rng.standard_t(nu, n) * np.sqrt((nu - 2.0) / nu)  # unit variance
     regimes = None
     if params.model in ("garch", "gjr"):
         variance = _garch_variance(params, z)
@@ -261,11 +223,9 @@ def generate(num_series: int, length: int, seed: int, models: tuple[str, ...] = 
     """
     if not models or any(model not in MODELS for model in models):
         raise ValueError(f"models must be a non-empty subset of {MODELS}, got {models}")
-    children = np.random.SeedSequence(seed).spawn(num_series)
     series = []
-    for i, child in enumerate(children):
-        rng = np.random.default_rng(child)
-        model = models[i % len(models)]
+    for i, child in enumerate(np.random.SeedSequence(seed).spawn(num_series)):
+        rng, model = np.random.default_rng(child), models[i % len(models)]
         series.append(simulate(sample_params(rng, model), length, rng, name=f"synthetic_{model}_{i:05d}", freq=freq))
     return series
 
@@ -289,6 +249,5 @@ __all__ = [
     "generate",
     "sample_params",
     "simulate",
-    "standardized_t",
     "synthetic_frames",
 ]

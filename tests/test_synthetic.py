@@ -91,7 +91,6 @@ def test_jumps_arrive_at_their_intensity_and_add_their_variance():
                        jump_intensity=0.01, jump_mean=-2e-3, jump_std=5e-3)  # fmt: skip
     assert abs(series.jumps.sum() - 2000) < 4 * 45
     # Variance 1e-6 + 0.01 * (4e-6 + 25e-6) = 1.29e-6.
-    assert series.params.return_variance == pytest.approx(1.29e-6)
     assert np.var(series.returns) == pytest.approx(1.29e-6, rel=0.1)
     jumpy = series.jumps > 0
     assert np.mean(series.returns[jumpy]) == pytest.approx(-2e-3, abs=5e-4)

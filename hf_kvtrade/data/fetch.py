@@ -1,7 +1,4 @@
-"""``python -m hf_kvtrade.data.fetch``: fetch the pinned data archives into the cache (what `make setup` runs).
-
-See :mod:`hf_kvtrade.data.archives` for the cache, the checksums and the error raised when data is missing.
-"""
+"""``python -m hf_kvtrade.data.fetch``: fetch the pinned data archives into the cache (what `make setup` runs)."""
 
 from __future__ import annotations
 
@@ -22,16 +19,15 @@ def main(argv: list[str] | None = None) -> int:
                              "downloading; an archive not there is downloaded")  # fmt: skip
     args = parser.parse_args(argv)
     for archive in ARCHIVES:
-        state = "complete" if archive.complete() and not args.force else None
-        source = args.source
-        if source is not None and not Path(source).is_dir() and Path(source).name != archive.filename:
-            source = None  # a single file given with --from is one archive; the others are downloaded
+        complete = archive.complete() and not args.force
+        # A single file given with --from is one archive; the others are downloaded.
+        own_file = args.source and (Path(args.source).is_dir() or Path(args.source).name == archive.filename)
         try:
-            root = fetch(archive, force=args.force, source=source)
+            root = fetch(archive, force=args.force, source=args.source if own_file else None)
         except DataNotFetchedError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-        print(f"{archive.requirement}: {'already ' + state if state else 'fetched'} in {root} "
+        print(f"{archive.requirement}: {'already complete' if complete else 'fetched'} in {root} "
               f"({len(archive.members)} files checked by SHA-256)")  # fmt: skip
     return 0
 

@@ -1,14 +1,4 @@
-"""User OHLCV data from CSV or Parquet files, and the one validator every price frame goes through.
-
-Validation either rejects a frame with a ``ValueError`` that names the first offending row, or, with
-``repair=True``, applies these documented repairs:
-
-- rows are sorted by timestamp;
-- duplicate timestamps keep their last row (the latest correction of a bar);
-- rows whose ``close`` is missing, or whose prices are not positive and finite, are dropped.
-
-Gaps (a step between bars longer than ``max_gap``) are never repaired: filling them would invent prices.
-"""
+"""User OHLCV data from CSV or Parquet files, and the one validator every price frame goes through."""
 
 from __future__ import annotations
 
@@ -19,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
+OHLCV_COLUMNS = (*PRICE_COLUMNS, "volume")
 
 
 def validate_ohlcv(
@@ -26,9 +17,13 @@ def validate_ohlcv(
     repair: bool = False,
     max_gap: str | pd.Timedelta | None = None,
 ) -> pd.DataFrame:
-    """Checks (or repairs) a frame indexed by a tz-aware ``DatetimeIndex`` with at least a ``close`` column.
+    """Checks a frame indexed by a tz-aware ``DatetimeIndex`` with at least a ``close`` column; returns it with a
+    UTC index named ``timestamp`` and float columns.
 
-    Returns the frame with a UTC index named ``timestamp`` and float columns.
+    A bad frame raises a ``ValueError`` naming the first offending row, unless ``repair`` sorts the rows, keeps the
+    last row of a duplicate timestamp (the latest correction of a bar) and drops rows whose ``close`` is missing or
+    whose prices are not positive and finite. A gap longer than ``max_gap`` is never repaired: filling it would
+    invent prices.
     """
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise ValueError(f"the index must be a DatetimeIndex of bar timestamps, got {type(frame.index).__name__}")
@@ -53,9 +48,9 @@ def validate_ohlcv(
         frame = frame[~duplicated]
 
     prices = frame[[column for column in PRICE_COLUMNS if column in frame.columns]]
-    invalid = ~(np.isfinite(prices) & (prices > 0)).to_numpy()
+    values = prices.to_numpy()
     # A missing open/high/low on a bar that has a close is harmless; the close is what gets tokenized.
-    invalid &= ~(prices.isna().to_numpy() & ~prices.columns.isin(["close"]))
+    invalid = ~(np.isfinite(values) & (values > 0)) & (~np.isnan(values) | (prices.columns == "close"))
     bad_rows = invalid.any(axis=1)
     if bad_rows.any():
         if not repair:
@@ -71,8 +66,7 @@ def validate_ohlcv(
 
     if max_gap is not None:
         max_gap = pd.Timedelta(max_gap)
-        gaps = np.flatnonzero(np.diff(frame.index) > max_gap)
-        if gaps.size:
+        if (gaps := np.flatnonzero(np.diff(frame.index) > max_gap)).size:
             row = int(gaps[0])
             raise ValueError(
                 f"gap of {frame.index[row + 1] - frame.index[row]} between {frame.index[row]} and "
@@ -100,8 +94,6 @@ def read_ohlcv(
         timezone: zone of timezone-naive timestamps; aware timestamps are converted to UTC.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     elif ".csv" in path.suffixes:
@@ -121,23 +113,29 @@ def read_ohlcv(
             f"missing timestamp column {timestamp_column!r} in {path.name}; columns are {list(frame.columns)} "
             f"(map yours with columns={{'Date': 'timestamp'}})"
         )
-    missing = [column for column in ("close",) if column not in frame.columns]
-    if missing:
-        raise ValueError(f"missing column(s) {missing} in {path.name}; columns are {list(frame.columns)}")
-    frame.index = _parse_timestamps(frame.pop(timestamp_column), timezone)
-    keep = [column for column in ("open", "high", "low", "close", "volume") if column in frame.columns]
-    return validate_ohlcv(frame[keep], repair=repair, max_gap=max_gap)
+    if "close" not in frame.columns:
+        raise ValueError(f"missing column(s) ['close'] in {path.name}; columns are {list(frame.columns)}")
+    return to_ohlcv(frame, _parse_timestamps(frame.pop(timestamp_column)), timezone, repair=repair, max_gap=max_gap)
 
 
-def _parse_timestamps(values: pd.Series, timezone: str) -> pd.DatetimeIndex:
+def to_ohlcv(frame: pd.DataFrame, timestamps, timezone: str = "UTC", **validation) -> pd.DataFrame:
+    """``frame``'s OHLCV columns (names matched case-insensitively, others dropped) on ``timestamps``, through
+    :func:`validate_ohlcv` with ``validation``. Naive timestamps are taken to be in ``timezone``."""
+    frame = frame.rename(columns=lambda name: str(name).lower())
+    stamps = pd.DatetimeIndex(timestamps)
+    frame.index = stamps.tz_localize(timezone) if stamps.tz is None else stamps.tz_convert("UTC")
+    frame = frame[[column for column in OHLCV_COLUMNS if column in frame.columns]]
+    return validate_ohlcv(frame, **validation)
+
+
+def _parse_timestamps(values: pd.Series) -> pd.DatetimeIndex:
     if pd.api.types.is_integer_dtype(values):
         return pd.DatetimeIndex(pd.to_datetime(values, unit="ms", utc=True))
     try:
-        stamps = pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601"))
+        return pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601"))
     except (ValueError, TypeError):
         # Strings with different UTC offsets (e.g. across a DST change) parse only straight into UTC.
         try:
-            stamps = pd.DatetimeIndex(pd.to_datetime(values, utc=True, format="mixed"))
+            return pd.DatetimeIndex(pd.to_datetime(values, utc=True, format="mixed"))
         except (ValueError, TypeError) as error:
             raise ValueError(f"cannot parse timestamps: {error}") from None
-    return stamps.tz_localize(timezone) if stamps.tz is None else stamps.tz_convert("UTC")

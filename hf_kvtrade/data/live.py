@@ -1,17 +1,17 @@
 """Live market data for users with internet: Bybit v5 klines over plain HTTP, and Yahoo Finance via yfinance.
 
-Both return the same frame as every other loader (UTC ``DatetimeIndex``, float OHLCV columns), validated by
-:func:`~hf_kvtrade.data.files.validate_ohlcv`.
+Both return the same validated frame as every other loader (UTC ``DatetimeIndex``, float OHLCV columns).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pandas as pd
 
-from .files import validate_ohlcv
+from .files import PRICE_COLUMNS, to_ohlcv, validate_ohlcv
 
 BYBIT_URL = "https://api.bybit.com"
 BYBIT_INTERVALS = ("1", "3", "5", "15", "30", "60", "120", "240", "360", "720", "D", "W", "M")
@@ -27,6 +27,7 @@ class BybitRateLimitError(BybitError):
     """Bybit kept rate-limiting the requests (HTTP 429 or ``retCode`` 10006) after every retry."""
 
 
+@dataclass
 class BybitClient:
     """Fetches klines from ``GET /v5/market/kline``, paging backwards through time.
 
@@ -35,23 +36,18 @@ class BybitClient:
     errors raise :class:`BybitError` at once.
     """
 
-    def __init__(
-        self,
-        base_url: str = BYBIT_URL,
-        max_retries: int = 4,
-        backoff: float = 0.5,
-        timeout: float = 10.0,
-        session=None,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
+    base_url: str = BYBIT_URL
+    max_retries: int = 4
+    backoff: float = 0.5
+    timeout: float = 10.0
+    session: Any = None  # a requests.Session by default
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self):
         import requests
 
-        self.base_url = base_url.rstrip("/")
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.timeout = timeout
-        self.session = session or requests.Session()
-        self.sleep = sleep
+        self.base_url = self.base_url.rstrip("/")
+        self.session = self.session or requests.Session()
 
     def klines(
         self,
@@ -67,26 +63,22 @@ class BybitClient:
             raise ValueError(f"interval must be one of {BYBIT_INTERVALS}, got {interval!r}")
         if not 1 <= limit <= BYBIT_MAX_LIMIT:
             raise ValueError(f"limit must be between 1 and {BYBIT_MAX_LIMIT}, got {limit}")
-        start_ms = _epoch_ms(start)
-        end_ms = _epoch_ms(end)
+        start_ms, end_ms = _epoch_ms(start), _epoch_ms(end)
         rows: list[list[str]] = []
         while True:
-            params = {"category": category, "symbol": symbol, "interval": interval, "limit": limit}
-            if start_ms is not None:
-                params["start"] = start_ms
-            if end_ms is not None:
-                params["end"] = end_ms
-            page = self._get("/v5/market/kline", params)["list"]
-            rows.extend(page)
-            oldest = min((int(row[0]) for row in page), default=None)
-            if start_ms is None or len(page) < limit or oldest is None or oldest <= start_ms:
+            params = {"category": category, "symbol": symbol, "interval": interval, "limit": limit,
+                      "start": start_ms, "end": end_ms}  # fmt: skip
+            page = self._get("/v5/market/kline", {key: value for key, value in params.items() if value is not None})
+            rows.extend(page["list"])
+            if start_ms is None or len(page["list"]) < limit:
                 break
-            end_ms = oldest - 1
+            end_ms = min(int(row[0]) for row in page["list"]) - 1
+            if end_ms < start_ms:
+                break
         if not rows:
             raise ValueError(f"Bybit returned no {interval} klines for {category} {symbol} in the requested range")
-        frame = pd.DataFrame(
-            [row[:6] for row in rows], columns=["timestamp", "open", "high", "low", "close", "volume"]
-        ).astype("float64")
+        frame = pd.DataFrame([row[:6] for row in rows], columns=["timestamp", *PRICE_COLUMNS, "volume"])
+        frame = frame.astype("float64")
         frame.index = pd.to_datetime(frame.pop("timestamp").astype("int64"), unit="ms", utc=True)
         # Consecutive pages share no bar, but a bar that closed between two requests can appear in both.
         return validate_ohlcv(frame.sort_index(), repair=True)
@@ -99,40 +91,34 @@ class BybitClient:
             try:
                 response = self.session.get(self.base_url + path, params=params, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
-                if attempt == self.max_retries:
-                    raise BybitError(f"Bybit unreachable after {attempt + 1} attempts: {error}") from error
-                self.sleep(delay)
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                if attempt == self.max_retries:
-                    error_class = BybitRateLimitError if response.status_code == 429 else BybitError
-                    raise error_class(
-                        f"Bybit answered HTTP {response.status_code} to {attempt + 1} attempts at {path} {params}"
+                retryable = BybitError(f"Bybit unreachable after {attempt + 1} attempts: {error}")
+            else:
+                status = response.status_code
+                if status == 429 or status >= 500:
+                    error_class = BybitRateLimitError if status == 429 else BybitError
+                    retryable = error_class(
+                        f"Bybit answered HTTP {status} to {attempt + 1} attempts at {path} {params}"
                     )
-                self.sleep(float(response.headers.get("Retry-After", delay)))
-                continue
-            if response.status_code != 200:
-                raise BybitError(f"Bybit answered HTTP {response.status_code} at {path}: {response.text[:200]}")
-            body = response.json()
-            code = body.get("retCode")
-            if code == BYBIT_RATE_LIMIT_CODE:
-                if attempt == self.max_retries:
-                    raise BybitRateLimitError(
+                    delay = float(response.headers.get("Retry-After", delay))
+                elif status != 200:
+                    raise BybitError(f"Bybit answered HTTP {status} at {path}: {response.text[:200]}")
+                else:
+                    body = response.json()
+                    code = body.get("retCode")
+                    if code == 0:
+                        return body["result"]
+                    if code != BYBIT_RATE_LIMIT_CODE:
+                        raise BybitError(f"Bybit error retCode {code}: {body.get('retMsg')} (request {path} {params})")
+                    retryable = BybitRateLimitError(
                         f"Bybit rate limit (retCode {code}: {body.get('retMsg')}) persisted over {attempt + 1} attempts"
                     )
-                self.sleep(delay)
-                continue
-            if code != 0:
-                raise BybitError(f"Bybit error retCode {code}: {body.get('retMsg')} (request {path} {params})")
-            return body["result"]
+            if attempt == self.max_retries:
+                raise retryable
+            self.sleep(delay)
 
 
 def _epoch_ms(stamp) -> int | None:
-    if stamp is None:
-        return None
-    stamp = pd.Timestamp(stamp)
-    stamp = stamp.tz_localize("UTC") if stamp.tz is None else stamp
-    return int(stamp.timestamp() * 1000)
+    return None if stamp is None else int(pd.Timestamp(stamp).timestamp() * 1000)  # naive stamps count as UTC
 
 
 def fetch_yfinance(ticker: str, start=None, end=None, interval: str = "1d", **history_kwargs) -> pd.DataFrame:
@@ -151,7 +137,4 @@ def fetch_yfinance(ticker: str, start=None, end=None, interval: str = "1d", **hi
 
 def from_yfinance_history(history: pd.DataFrame) -> pd.DataFrame:
     """Converts a ``yfinance`` history frame (exchange-local index, capitalised columns) to the common format."""
-    frame = history.rename(columns=str.lower)[["open", "high", "low", "close", "volume"]]
-    index = pd.DatetimeIndex(history.index)
-    frame.index = index.tz_localize("UTC") if index.tz is None else index.tz_convert("UTC")
-    return validate_ohlcv(frame, repair=True)
+    return to_ohlcv(history, history.index, repair=True)

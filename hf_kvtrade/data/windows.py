@@ -1,9 +1,8 @@
 """Time splits and token windows: from price frames to the ``datasets.Dataset`` the Trainer consumes.
 
-Every series is split by time into a train, a validation and a test period (:data:`PERIOD_FRACTIONS` of its
-bars, in that order, so the test period is the final stretch). A period's targets are the returns that end on its
-bars, and their contexts may reach back into earlier periods (that is the past, as in serving and in
-``evaluation``), never forward: nothing from a later period leaks into an earlier one.
+Every series is split by time into train, validation and test periods (:data:`PERIOD_FRACTIONS` of its bars, in
+that order). A period's targets are the returns ending on its bars; their contexts may reach back into earlier
+periods (the past, as in serving and ``evaluation``), never forward into a later one.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def split_periods(frame: pd.DataFrame, fractions: tuple[float, float, float] = P
         raise ValueError("frame must be sorted by time before it is split")
     if len(frame) < 6:
         raise ValueError(f"need at least 6 bars to split into three periods of two or more bars, got {len(frame)}")
-    train_end = int(round(len(frame) * fractions[0]))
-    validation_end = int(round(len(frame) * (fractions[0] + fractions[1])))
+    train_end, validation_end = (int(round(len(frame) * edge)) for edge in np.cumsum(fractions[:2]))
     return frame.iloc[:train_end], frame.iloc[train_end:validation_end], frame.iloc[validation_end:]
 
 
@@ -82,11 +80,10 @@ def token_windows(
         ids = tokenize_period(frame, tokenizer)  # ids[k] is the return ending on bar k
         bounds = np.cumsum([0, *(len(part) for part in split_periods(frame, fractions))])
         for period, first_bar, end_bar in zip(PERIODS, bounds[:-1], bounds[1:]):
-            first_target = max(int(first_bar), 1)
-            input_ids, labels, first_tokens = policy_windows(ids[:end_bar], policy, tokenizer.pad_token_id, first_target)
-            starts = frame.index[first_tokens]
-            columns[period]["input_ids"].extend(input_ids.tolist())
-            columns[period]["labels"].extend(labels.tolist())
-            columns[period]["series"].extend([name] * len(input_ids))
-            columns[period]["start"].extend(stamp.isoformat() for stamp in starts)
+            windows = policy_windows(ids[:end_bar], policy, tokenizer.pad_token_id, first_target=max(int(first_bar), 1))
+            input_ids, labels, starts = windows
+            columns[period]["input_ids"] += input_ids.tolist()
+            columns[period]["labels"] += labels.tolist()
+            columns[period]["series"] += [name] * len(input_ids)
+            columns[period]["start"] += [stamp.isoformat() for stamp in frame.index[starts]]
     return DatasetDict({period: Dataset.from_dict(columns[period]) for period in PERIODS})
