@@ -1,7 +1,6 @@
-"""Helpers shared by the benchmarks: what machine a row ran on, timing percentiles, and the JSON writer.
+"""Helpers shared by the benchmarks: their common flags, the machine a row ran on, timing, verdicts and JSON.
 
-Every benchmark row carries ``machine_info()`` so that numbers from different machines are never compared by
-accident; ``write_json`` is how each ``kvtrade bench NAME --json PATH`` writes its payload.
+Every benchmark row carries ``machine_info()`` so that numbers from different machines are never compared by accident.
 """
 
 from __future__ import annotations
@@ -16,6 +15,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import SHIPPED_CHECKPOINT
+
+
+def add_common_arguments(parser, name: str, quick: str | None = None, checkpoint=False, threads=False) -> None:
+    """``--json`` (``out/bench/NAME.json``); ``--quick`` with its help, the shipped ``--checkpoint``, ``--threads``."""
+    parser.add_argument(
+        "--json", default=f"out/bench/{name}.json", help="where to write the results (default: %(default)s)"
+    )
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    if checkpoint:
+        parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
+    if threads:
+        # One-token steps on a shared CPU prefer one thread: spinning barriers wait on busy cores.
+        parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+
 
 def _cpu_model() -> str:
     try:
@@ -28,10 +43,7 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: str = "cpu") -> dict:
-    """CPU model, logical cores, torch's intra-op threads, torch/transformers versions and the ``device`` measured on.
-
-    Threads matter on a shared CPU: with other processes busy, one thread per step often beats spinning barriers.
-    """
+    """CPU model, logical cores, torch's intra-op threads, torch/transformers versions and the ``device`` measured on."""
     import torch
     import transformers
 
@@ -47,6 +59,15 @@ def machine_info(device: str = "cpu") -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def machine_label(info: dict) -> str:
+    """The machine of a printed target line: CPU model, cores and torch threads."""
+    return f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch thread(s))"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
 
 
 def percentile_ms(seconds: list[float], q: float = 50.0) -> float:
@@ -89,6 +110,3 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
-
-
-__all__ = ["context_list", "machine_info", "percentile_ms", "time_calls", "write_json"]
