@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: their common flags, the machine a row ran on, timing, verdicts and JSON.
 
-Every benchmark row carries ``machine_info()`` so that numbers from different machines are never compared by accident.
+Every benchmark row carries ``machine_info()``, so that numbers from different machines are never compared by accident.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,17 +34,13 @@ def add_common_arguments(parser, name: str, quick: str | None = None, checkpoint
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else None
+    return model.group(1).strip() if model else platform.processor() or platform.machine()
 
 
 def machine_info(device: str = "cpu") -> dict:
-    """CPU model, logical cores, torch's intra-op threads, torch/transformers versions and the ``device`` measured on."""
+    """CPU model, logical cores, torch's threads, torch/transformers versions and the ``device`` measured on."""
     import torch
     import transformers
 
@@ -68,6 +65,12 @@ def machine_label(info: dict) -> str:
 
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
+
+
+def print_target(target: str, measured: str, met: bool, machine: dict) -> str:
+    """Prints a target's line, what was measured and met/MISSED with the machine; returns the verdict."""
+    print(f"target {target}: {measured}, {verdict(met)} on {machine_label(machine)}", flush=True)
+    return verdict(met)
 
 
 def percentile_ms(seconds: list[float], q: float = 50.0) -> float:

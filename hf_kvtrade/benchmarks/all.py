@@ -1,10 +1,7 @@
 """Every benchmark side by side in one run: report.json, report.md (tables) and report.png under --out.
 
-Runs, in one process on one machine: KV cache vs full recompute by context (stream), batched ticks for many
-symbols vs one at a time (batch), MHA vs GQA vs MQA (gqa), cache policies in nats per bar (cache), the order-book
-replay (orderbook), attention backends at long context (attention), Transformers vs vLLM serving and fairness
-(serve) and the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
-arguments, so `kvtrade bench all` measures exactly what `kvtrade bench NAME` measures.
+Each benchmark is called through its own command-line arguments, so `kvtrade bench all` measures exactly what
+`kvtrade bench NAME` measures.
 """
 
 from __future__ import annotations
@@ -60,14 +57,14 @@ def _run_benchmark(name: str, out: Path, quick: bool) -> dict:
     module = importlib.import_module(f"{__package__}.{name}")
     parser = argparse.ArgumentParser(prog=f"kvtrade bench {name}")
     module.add_arguments(parser)
-    argv = ["--out", str(out / name)] if name == "attention_map" else ["--json", str(out / f"{name}.json")]
-    # attention_map is a single forward pass and has no --quick; get_default is None for an unknown option.
-    if quick and parser.get_default("quick") is not None:
+    # attention_map writes its plot beside its JSON in a folder; it is one forward pass, with no --quick.
+    path = out / name / "attention_map.json" if name == "attention_map" else out / f"{name}.json"
+    argv = ["--out", str(path.parent)] if name == "attention_map" else ["--json", str(path)]
+    if quick and parser.get_default("quick") is not None:  # None: the benchmark has no --quick
         argv.append("--quick")
     status = module.run(parser.parse_args(argv))
     if status:
         raise RuntimeError(f"bench {name} exited with status {status}")
-    path = out / name / "attention_map.json" if name == "attention_map" else out / f"{name}.json"
     return json.loads(path.read_text())
 
 
@@ -184,12 +181,8 @@ def _attention_map(data: dict) -> str:
     ) + "\n\n![attention map](attention_map/attention_map.png)"
 
 
-SECTION_RENDERERS = {
-    **{name: partial(_plain_table, name) for name in TABLES},
-    "orderbook": _orderbook,
-    "cache": _cache,
-    "serve": _serve,
-    "attention_map": _attention_map,
+SECTION_RENDERERS = {name: partial(_plain_table, name) for name in TABLES} | {
+    "orderbook": _orderbook, "cache": _cache, "serve": _serve, "attention_map": _attention_map
 }
 
 

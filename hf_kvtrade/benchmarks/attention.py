@@ -184,8 +184,7 @@ def _measure_rows(preset, contexts, backends, chunk_size, num_layers, device, se
                     "eager_scores_mib_per_layer": eager_score_bytes(config, mode_chunk or context, context) / 2**20,
                     "machine": machine,
                 }
-                reason = skip_reason(backend, config, context, mode_chunk, device)
-                if reason:
+                if reason := skip_reason(backend, config, context, mode_chunk, device):
                     row["skipped"] = reason
                 else:
                     row.update(prefill_once(preset, backend, context, mode_chunk, device, num_layers, seed))

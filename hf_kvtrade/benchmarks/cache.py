@@ -1,20 +1,9 @@
 """KV cache policies side by side: bytes held, and forecast quality in nats per bar of full, int8, int4, sink, selective.
 
-Quality is the NLL of the realised return under each policy's next-bar density (:meth:`BinnedDistribution.log_density`)
-on the test periods of real bundled series, one tick at a time as a live stream arrives. A change is reported in nats
-per bar against the full cache on the same bars, and as a share of the model's *edge* there: its NLL advantage over
-the unconditional Student-t of :mod:`hf_kvtrade.evaluation`. 0.024 nats per bar is 0.4% of the token cross-entropy
-but 40% of an edge of 0.06.
-
-Two settings, both at the checkpoint's trained window ``W``:
-
-- **W**: every policy is rebased by the context policy (:mod:`hf_kvtrade.context`), as every serving path is; the
-  full cache then reproduces the context-policy forecast of ``kvtrade evaluate`` (the ``full`` row says how closely).
-- **8W** (``--long-windows``): the sink cache streams ``8W`` ticks before the first scored bar *without* a rebase,
-  what it exists for; its reference is the context-policy forecast on the same bars. The other policies rebase by
-  the policy, so on any stream length they forecast as in the W setting.
-
-The bounded caches (sink, selective) hold a quarter of ``W`` tokens: 25% of a full cache at the end of a window.
+Quality is the NLL of the realised return, one tick at a time, on the test periods of real bundled series; a change
+against the full cache is reported in nats per bar and as a share of the model's edge over the unconditional
+Student-t. Settings: **W** (every policy rebased by the context policy) and **8W** (the sink streams ``8W`` ticks
+without a rebase before the first scored bar). Method and results: docs/cache_policies.md.
 """
 
 from __future__ import annotations
@@ -140,7 +129,7 @@ def run(args) -> int:
     from ..data import load_series
     from ..data.windows import tokenize_period
     from ..evaluation import model_forecast, returns_and_test_start, unconditional_forecast
-    from ._common import machine_info, machine_label, verdict, write_json
+    from ._common import machine_info, print_target, write_json
 
     if args.long_windows < 1:
         raise ValueError(f"--long-windows must be at least 1, got {args.long_windows}")
@@ -148,7 +137,7 @@ def run(args) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     track_attention(model)
     context = ContextPolicy.from_config(model.config)
-    budget = context.window // 4
+    budget = context.window // 4  # of the bounded caches (sink, selective): 25% of a full cache at a window's end
     long_ticks = args.long_windows * context.window
     cache_kwargs = {policy: {} for policy in ("full", "int8", "int4")} | {
         "sink": {"num_sink_tokens": args.num_sink_tokens, "window": budget - args.num_sink_tokens},
@@ -217,9 +206,9 @@ def run(args) -> int:
     for name in long_names:
         ids, first_target, target_returns, *_ = series[name]
         started = time.perf_counter()
-        stream_start = first_target - long_ticks
         distribution, stats = _stream(
-            model, tokenizer, cache_factory("sink"), ids, first_target, lambda target: stream_start, prefill_chunk=1
+            model, tokenizer, cache_factory("sink"), ids, first_target,
+            anchor_of=lambda _, start=first_target - long_ticks: start, prefill_chunk=1,
         )
         sink_nll[name] = -distribution.log_density(target_returns)
         sink_streams.append(stats)
@@ -261,12 +250,13 @@ def run(args) -> int:
         f"{rebased['nll_change_stderr']:.5f} nats/bar"
         + ("" if rebased["share_of_edge"] is None else f" ({100 * rebased['share_of_edge']:+.2f}% of the edge)")
     )
-    print(f"\ntargets (share of the edge lost), measured on {machine_label(machine)}:")
-    targets = [(f"W={context.window}", policy, row["target"]) for policy, row in window_rows.items() if "target" in row]
-    for setting, policy, target in [*targets, (f"{args.long_windows}W={long_ticks}", "sink", long_row["target"])]:
-        why = f" ({target['why']})" if "why" in target else ""
+    print("\ntargets (share of the edge lost):")
+    targets = [(f"W={context.window}", policy, row) for policy, row in window_rows.items() if "target" in row]
+    for setting, policy, row in [*targets, (f"{args.long_windows}W={long_ticks}", "sink", long_row)]:
+        share, target = row["share_of_edge"], row["target"]
+        measured = f"n/a ({target['why']})" if share is None else f"{100 * share:+.2f}%"
         limit = f"<= {100 * target['limit']:.0f}% of the edge"
-        print(f"  {setting:<12} {policy:<10} {limit}: {verdict(target['met'])}{why}")
+        print_target(f"{setting} {policy} {limit}", measured, target["met"], machine)
 
     payload = {
         "benchmark": "cache",

@@ -1,13 +1,13 @@
 """MHA vs GQA vs MQA at equal width: KV-cache bytes per token and cached-decode latency by context length.
 
-The three models share the preset's width, depth and query heads and differ only in ``num_key_value_heads``
-(MHA: one KV head per query head, GQA: the preset's groups, MQA: one). Weights are random: neither cache size nor
-step latency depends on them. The longest context is prefilled once; shorter ones crop that cache, and every timed
-decode step is cropped back again so each step sees exactly the stated context. The models step in turn
-(round-robin), so a busy shared machine slows them alike.
+The models differ only in ``num_key_value_heads`` and have random weights (neither cache size nor step latency
+depends on them). Every timed decode step is cropped back so that it sees exactly the stated context, and the
+models step in turn (round-robin), so a busy shared machine slows them alike.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from ._common import add_common_arguments, context_list, machine_info, percentile_ms, time_calls, write_json
 
@@ -17,13 +17,8 @@ SEED_CLAIMS = {"cache_reduction": "2-4x less KV cache", "decode_speedup": "1.9-3
 
 
 def measure(
-    preset: str = "small",
-    flavours=("mha", "gqa", "mqa"),
-    contexts=FULL_CONTEXTS,
-    decode_steps: int = 30,
-    attn_implementation: str = "sdpa",
-    device: str | None = None,
-    seed: int = 0,
+    preset="small", flavours=("mha", "gqa", "mqa"), contexts=FULL_CONTEXTS, decode_steps=30, attn_implementation="sdpa",
+    device=None, seed=0
 ) -> dict:
     """One row per (flavour, context); the ratios are relative to the first flavour."""
     import torch
@@ -61,7 +56,7 @@ def measure(
                 cache.crop(-(cache.get_seq_length() - context))
             for _ in range(WARMUP_STEPS + decode_steps):
                 for flavour, (model, cache) in contenders.items():
-                    durations[flavour] += time_calls(lambda: decode_step(model, cache), 1, 0, synchronize)
+                    durations[flavour] += time_calls(partial(decode_step, model, cache), 1, 0, synchronize)
             rows += [
                 {
                     "attention": flavour,
