@@ -79,10 +79,8 @@ def percentile_ms(seconds: list[float], q: float = 50.0) -> float:
 
 
 def time_calls(function: Callable[[], object], repeats: int, warmup: int = 1, synchronize=None) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed ones.
-
-    ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so GPU work is counted.
-    """
+    """Wall-clock seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed ones; ``synchronize`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock read, so that GPU work is counted."""
     sync = synchronize or (lambda: None)
     for _ in range(warmup):
         function()
