@@ -74,8 +74,8 @@ def run(args) -> int:
             with _timed(sequential):
                 for symbol, bar in prices.items():
                     engine.update(symbol, bar)
-        (batch_s, batch_cpu_s), (sequential_s, sequential_cpu_s) = np.transpose(batched), np.transpose(sequential)
-        batched_rate, sequential_rate = count * rounds / batch_s.sum(), count * rounds / sequential_s.sum()
+        (batch_s, batch_cpu_s), (sequential_s, sequential_cpu_s) = zip(*batched), zip(*sequential)
+        batched_rate, sequential_rate = count * rounds / sum(batch_s), count * rounds / sum(sequential_s)
         results[str(count)] = {
             "symbols": count,
             "history_bars": [int(lengths.min()), int(lengths.max())],
@@ -83,7 +83,7 @@ def run(args) -> int:
             "sequential_ticks_per_s": round(sequential_rate, 1),
             "speedup": round(batched_rate / sequential_rate, 2),
             # The same ratio in CPU time of the ticking thread: what it is when no other process takes the core.
-            "cpu_speedup": round(sequential_cpu_s.sum() / batch_cpu_s.sum(), 2),
+            "cpu_speedup": round(sum(sequential_cpu_s) / sum(batch_cpu_s), 2),
             "batch_step_p50_ms": round(percentile_ms(batch_s, 50), 2),
             "batch_step_p99_ms": round(percentile_ms(batch_s, 99), 2),
             "sequential_round_p50_ms": round(percentile_ms(sequential_s, 50), 2),
