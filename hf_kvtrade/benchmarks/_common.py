@@ -1,7 +1,6 @@
-"""Helpers shared by the benchmarks: what machine a row ran on, timing percentiles, and the JSON writer.
+"""Helpers shared by the benchmarks: their common flags, the machine a row ran on, timing, verdicts and JSON.
 
-Every benchmark row carries ``machine_info()`` so that numbers from different machines are never compared by
-accident; ``write_json`` is how each ``kvtrade bench NAME --json PATH`` writes its payload.
+Every benchmark row carries ``machine_info()``, so that numbers from different machines are never compared by accident.
 """
 
 from __future__ import annotations
@@ -10,28 +9,38 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import SHIPPED_CHECKPOINT
+
+
+def add_common_arguments(parser, name: str, quick: str | None = None, checkpoint=False, threads=False) -> None:
+    """``--json`` (``out/bench/NAME.json``); ``--quick`` with its help, the shipped ``--checkpoint``, ``--threads``."""
+    parser.add_argument(
+        "--json", default=f"out/bench/{name}.json", help="where to write the results (default: %(default)s)"
+    )
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    if checkpoint:
+        parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
+    if threads:
+        # One-token steps on a shared CPU prefer one thread: spinning barriers wait on busy cores.
+        parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else None
+    return model.group(1).strip() if model else platform.processor() or platform.machine()
 
 
 def machine_info(device: str = "cpu") -> dict:
-    """CPU model, logical cores, torch's intra-op threads, torch/transformers versions and the ``device`` measured on.
-
-    Threads matter on a shared CPU: with other processes busy, one thread per step often beats spinning barriers.
-    """
+    """CPU model, logical cores, torch's threads, torch/transformers versions and the ``device`` measured on."""
     import torch
     import transformers
 
@@ -49,16 +58,29 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def machine_label(info: dict) -> str:
+    """The machine of a printed target line: CPU model, cores and torch threads."""
+    return f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch thread(s))"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def print_target(target: str, measured: str, met: bool, machine: dict) -> str:
+    """Prints a target's line, what was measured and met/MISSED with the machine; returns the verdict."""
+    print(f"target {target}: {measured}, {verdict(met)} on {machine_label(machine)}", flush=True)
+    return verdict(met)
+
+
 def percentile_ms(seconds: list[float], q: float = 50.0) -> float:
     """The ``q``-th percentile of durations given in seconds, in milliseconds."""
     return float(np.percentile(np.asarray(seconds) * 1e3, q))
 
 
 def time_calls(function: Callable[[], object], repeats: int, warmup: int = 1, synchronize=None) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed ones.
-
-    ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so GPU work is counted.
-    """
+    """Wall-clock seconds of ``repeats`` calls of ``function`` after ``warmup`` untimed ones; ``synchronize`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock read, so that GPU work is counted."""
     sync = synchronize or (lambda: None)
     for _ in range(warmup):
         function()
@@ -89,6 +111,3 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
-
-
-__all__ = ["context_list", "machine_info", "percentile_ms", "time_calls", "write_json"]

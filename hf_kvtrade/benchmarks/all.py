@@ -1,10 +1,7 @@
 """Every benchmark side by side in one run: report.json, report.md (tables) and report.png under --out.
 
-Runs, in one process on one machine: KV cache vs full recompute by context (stream), batched ticks for many
-symbols vs one at a time (batch), MHA vs GQA vs MQA (gqa), cache policies in nats per bar (cache), the order-book
-replay (orderbook), attention backends at long context (attention), Transformers vs vLLM serving and fairness
-(serve) and the attention map of the shipped model (attention_map). Each benchmark is called through its own command-line
-arguments, so `kvtrade bench all` measures exactly what `kvtrade bench NAME` measures.
+Each benchmark is called through its own command-line arguments, so `kvtrade bench all` measures exactly what
+`kvtrade bench NAME` measures.
 """
 
 from __future__ import annotations
@@ -14,7 +11,10 @@ import datetime
 import importlib
 import json
 import traceback
+from functools import partial
 from pathlib import Path
+
+from ._common import machine_info, verdict, write_json
 
 # Order: the cheap, central comparisons first, so a failure late in the run still leaves them in the report.
 SECTIONS = ("stream", "batch", "gqa", "cache", "orderbook", "attention", "serve", "attention_map")
@@ -27,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ._common import machine_info, write_json
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, failures = {}, {}
@@ -59,132 +57,142 @@ def _run_benchmark(name: str, out: Path, quick: bool) -> dict:
     module = importlib.import_module(f"{__package__}.{name}")
     parser = argparse.ArgumentParser(prog=f"kvtrade bench {name}")
     module.add_arguments(parser)
-    argv = ["--out", str(out / name)] if name == "attention_map" else ["--json", str(out / f"{name}.json")]
-    # attention_map is a single forward pass and has no --quick; get_default is None for an unknown option.
-    if quick and parser.get_default("quick") is not None:
+    # attention_map writes its plot beside its JSON in a folder; it is one forward pass, with no --quick.
+    path = out / name / "attention_map.json" if name == "attention_map" else out / f"{name}.json"
+    argv = ["--out", str(path.parent)] if name == "attention_map" else ["--json", str(path)]
+    if quick and parser.get_default("quick") is not None:  # None: the benchmark has no --quick
         argv.append("--quick")
     status = module.run(parser.parse_args(argv))
     if status:
         raise RuntimeError(f"bench {name} exited with status {status}")
-    path = out / name / "attention_map.json" if name == "attention_map" else out / f"{name}.json"
     return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------------------------------------- markdown
+# The plain tables of report.md: title (formatted with the benchmark's JSON), where its rows are (a list, or a dict
+# whose keys become the field "name"), and {header: a row's field, blank where it has none, or a function of the row}.
+TABLES = {
+    "stream": ("KV cache vs full recompute, per tick", "contexts", {
+        "context": "name", "incremental p50 ms": "incremental_p50_ms", "floor ms": "read_weights_and_cache_ms",
+        "p50 / floor": "p50_over_floor", "recompute ms": "recompute_ms", "recompute / p50": "recompute_over_p50",
+    }),
+    "batch": ("Batched ticks (update_many) vs one update per symbol", "results", {
+        "symbols": "symbols", "batched ticks/s": "batched_ticks_per_s", "sequential ticks/s": "sequential_ticks_per_s",
+        "speedup": "speedup", "CPU-time speedup": "cpu_speedup", "step p50 ms": "batch_step_p50_ms",
+        "step p99 ms": "batch_step_p99_ms",
+    }),
+    "gqa": ("MHA vs GQA vs MQA at equal width", "rows", {
+        "attention": "attention", "kv heads": "num_key_value_heads", "context": "context",
+        "cache bytes/token": "cache_bytes_per_token", "decode p50 ms": "decode_p50_ms",
+        "cache vs MHA": "cache_reduction_vs_mha", "speed vs MHA": "decode_speedup_vs_mha",
+    }),
+    "orderbook": (
+        "Order-book replay ({order_events:,} events, capture peak {peak_live_events_per_s:,.0f}/s)", "rows", {
+            "path": "name", "events/s": "events_per_s", "ticks/s": "ticks_per_s", "tick p50 ms": "p50_tick_ms",
+            "tick p99 ms": "p99_tick_ms", "cache bytes": "cache_bytes",
+        },
+    ),
+    "attention": ("Attention backends at long context (prefill)", "rows", {
+        "backend": "backend", "context": "context", "mode": "mode", "prefill s": "prefill_s",
+        "peak extra MiB": "peak_extra_mib",
+        "memory vs eager": lambda row: row.get("memory_vs_eager", row.get("chunked_memory_reduction")),
+        "skipped": "skipped",
+    }),
+}
+
+
 def _machine_label(info: dict) -> str:
     return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores, {info.get('device', 'cpu')})"
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def _table(title: str, headers: list[str], rows: list[list]) -> str:
     def cell(value):
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = [f"## {title}\n", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def _plain_table(name: str, data: dict) -> str:
+    """The table of ``TABLES[name]``, each row ending with its machine (its own, else the benchmark's)."""
+    title, where, columns = TABLES[name]
+    rows = data[where]
+    rows = [{"name": key, **row} for key, row in rows.items()] if isinstance(rows, dict) else rows
+    cells = [
+        [key(row) if callable(key) else row.get(key) for key in columns.values()]
+        + [_machine_label(row.get("machine") or data["machine"])]
+        for row in rows
+    ]
+    return _table(title.format(**data), [*columns, "machine"], cells)
+
+
+def _orderbook(data: dict) -> str:
+    return _plain_table("orderbook", data) + (
+        f"\n\nHeadroom over the peak: {data['headroom']:.1f}x (target {data['target_headroom']:.0f}x: "
+        f"{verdict(data['target_met'])})."
+    )
+
+
+def _cache(data: dict) -> str:
+    def row_cells(setting: str, name: str, row: dict) -> list:
+        share, target = row["share_of_edge"], row.get("target")
+        met = "" if target is None else f"≤{100 * target['limit']:.0f}%: {verdict(target['met'])}"
+        machine = _machine_label(data["machine"])
+        return [setting, name, row["bytes_held"], row["nll_change"], None if share is None else 100 * share, met, machine]
+
+    long_stream = data["long_stream"]
+    setting = f"W={data['context_policy']['window']}"
+    return _table(
+        "Cache policies: bytes and nats per bar lost",
+        ["setting", "policy", "bytes held", "NLL change nats/bar", "% of edge over uncond. t", "target", "machine"],
+        [row_cells(setting, name, row) for name, row in data["window"].items()]
+        + [row_cells(f"{long_stream['stream_ticks_before_first_scored_bar']}-tick stream", "sink", long_stream)],
+    )
+
+
+def _serve(data: dict) -> str:
+    throughput, prefix, machine = data["throughput"], data["prefix"], _machine_label(data["machine"])
+    parts = [_table("Transformers vs vLLM serving", ["measure", "Transformers / cold", "vLLM / warm", "ratio", "machine"], [
+        ["forecasts per second", throughput["hf_forecasts_per_s"], throughput["vllm_forecasts_per_s"],
+         throughput["ratio"], machine],
+        ["new-bar latency ms (prefix cold vs warm)", prefix["cold_ms"], prefix["warm_ms"], prefix["ratio"], machine],
+    ])]
+    if "fairness" in data:
+        fairness = data["fairness"]
+        light = fairness["light"]
+        parts.append(_table(
+            f"One-token requests beside heavy sampled paths (budget {fairness['budget_tokens']} tokens)",
+            ["p99 idle ms", "p50 loaded ms", "p99 loaded ms", "target p99 < 1 s", "over-budget request", "machine"],
+            [[light["idle_p99_ms"], light["loaded_p50_ms"], light["loaded_p99_ms"], verdict(fairness["target"]["met"]),
+              fairness["over_budget"]["status"], machine]],
+        ))
+    return "\n\n".join(parts)
+
+
+def _attention_map(data: dict) -> str:
+    mass = data["mass_within_last"]
+    return _table(
+        f"Where the next forecast looks ({data['series']}, {data['context_length']} bars)",
+        ["attention mass on the last N bars", *mass.keys(), "mean lag", "machine"],
+        [["share", *mass.values(), data["mean_lag"], _machine_label(data["machine"])]],
+    ) + "\n\n![attention map](attention_map/attention_map.png)"
+
+
+SECTION_RENDERERS = {name: partial(_plain_table, name) for name in TABLES} | {
+    "orderbook": _orderbook, "cache": _cache, "serve": _serve, "attention_map": _attention_map
+}
+
+
 def render_markdown(report: dict) -> str:
-    machine = _machine_label(report["machine"])
-    results = report["results"]
     parts = [
-        f"# hf-kvtrade benchmark report\n\nRun {report['started']} on {machine}"
+        f"# hf-kvtrade benchmark report\n\nRun {report['started']} on {_machine_label(report['machine'])}"
         f"{' (quick mode)' if report['quick'] else ''}. Every row below was measured in this one run.\n"
     ]
-    if "stream" in results:
-        contexts = results["stream"]["contexts"]
-        parts.append("## KV cache vs full recompute, per tick\n\n" + _table(
-            ["context", "incremental p50 ms", "floor ms", "p50 / floor", "recompute ms", "recompute / p50", "machine"],
-            [[ctx, row["incremental_p50_ms"], row["read_weights_and_cache_ms"], row["p50_over_floor"], row["recompute_ms"],
-              row["recompute_over_p50"], machine] for ctx, row in contexts.items()],
-        ))
-    if "batch" in results:
-        parts.append("## Batched ticks (update_many) vs one update per symbol\n\n" + _table(
-            ["symbols", "batched ticks/s", "sequential ticks/s", "speedup", "CPU-time speedup", "step p50 ms",
-             "step p99 ms", "machine"],
-            [[row["symbols"], row["batched_ticks_per_s"], row["sequential_ticks_per_s"], row["speedup"],
-              row["cpu_speedup"], row["batch_step_p50_ms"], row["batch_step_p99_ms"], _machine_label(results["batch"]["machine"])]
-             for row in results["batch"]["results"].values()],
-        ))
-    if "gqa" in results:
-        parts.append("## MHA vs GQA vs MQA at equal width\n\n" + _table(
-            ["attention", "kv heads", "context", "cache bytes/token", "decode p50 ms", "cache vs MHA", "speed vs MHA", "machine"],
-            [
-                [row["attention"], row["num_key_value_heads"], row["context"], row["cache_bytes_per_token"],
-                 row["decode_p50_ms"], row.get("cache_reduction_vs_mha"), row.get("decode_speedup_vs_mha"),
-                 _machine_label(row["machine"])]
-                for row in results["gqa"]["rows"]
-            ],
-        ))
-    if "cache" in results:
-        cache = results["cache"]
-
-        def policy_row(setting: str, name: str, row: dict) -> list:
-            share, target = row["share_of_edge"], row.get("target")
-            verdict = "" if target is None else f"≤{100 * target['limit']:.0f}%: {'met' if target['met'] else 'MISSED'}"
-            return [setting, name, row["bytes_held"], row["nll_change"], None if share is None else 100 * share,
-                    verdict, _machine_label(cache["machine"])]  # fmt: skip
-
-        long_stream = cache["long_stream"]
-        parts.append("## Cache policies: bytes and nats per bar lost\n\n" + _table(
-            ["setting", "policy", "bytes held", "NLL change nats/bar", "% of edge over uncond. t", "target", "machine"],
-            [policy_row(f"W={cache['context_policy']['window']}", name, row) for name, row in cache["window"].items()]
-            + [policy_row(f"{long_stream['stream_ticks_before_first_scored_bar']}-tick stream", "sink", long_stream)],
-        ))
-    if "orderbook" in results:
-        book = results["orderbook"]
-        parts.append(
-            f"## Order-book replay ({book['order_events']:,} events, capture peak {book['peak_live_events_per_s']:,.0f}/s)\n\n"
-            + _table(
-                ["path", "events/s", "ticks/s", "tick p50 ms", "tick p99 ms", "cache bytes", "machine"],
-                [[name, row["events_per_s"], row.get("ticks_per_s"), row.get("p50_tick_ms"), row.get("p99_tick_ms"),
-                  row.get("cache_bytes"), _machine_label(book["machine"])] for name, row in book["rows"].items()],
-            )
-            + f"\n\nHeadroom over the peak: {book['headroom']:.1f}x (target {book['target_headroom']:.0f}x: "
-            f"{'met' if book['target_met'] else 'MISSED'})."
-        )
-    if "attention" in results:
-        parts.append("## Attention backends at long context (prefill)\n\n" + _table(
-            ["backend", "context", "mode", "prefill s", "peak extra MiB", "memory vs eager", "skipped", "machine"],
-            [
-                [row["backend"], row["context"], row["mode"], row.get("prefill_s"), row.get("peak_extra_mib"),
-                 row.get("memory_vs_eager", row.get("chunked_memory_reduction")), row.get("skipped"),
-                 _machine_label(row["machine"])]
-                for row in results["attention"]["rows"]
-            ],
-        ))
-    if "serve" in results:
-        throughput, prefix = results["serve"]["throughput"], results["serve"]["prefix"]
-        parts.append("## Transformers vs vLLM serving\n\n" + _table(
-            ["measure", "Transformers / cold", "vLLM / warm", "ratio", "machine"],
-            [
-                ["forecasts per second", throughput["hf_forecasts_per_s"], throughput["vllm_forecasts_per_s"],
-                 throughput["ratio"], machine],
-                ["new-bar latency ms (prefix cold vs warm)", prefix["cold_ms"], prefix["warm_ms"], prefix["ratio"], machine],
-            ],
-        ))
-        if "fairness" in results["serve"]:
-            fairness = results["serve"]["fairness"]
-            light, target = fairness["light"], fairness["target"]
-            parts.append(f"## One-token requests beside heavy sampled paths (budget {fairness['budget_tokens']} tokens)\n\n" + _table(
-                ["p99 idle ms", "p50 loaded ms", "p99 loaded ms", "target p99 < 1 s", "over-budget request", "machine"],
-                [[light["idle_p99_ms"], light["loaded_p50_ms"], light["loaded_p99_ms"],
-                  "met" if target["met"] else "MISSED", fairness["over_budget"]["status"], machine]],
-            ))  # fmt: skip
-    if "attention_map" in results:
-        attention = results["attention_map"]
-        parts.append(
-            f"## Where the next forecast looks ({attention['series']}, {attention['context_length']} bars)\n\n"
-            + _table(
-                ["attention mass on the last N bars", *attention["mass_within_last"].keys(), "mean lag", "machine"],
-                [["share", *attention["mass_within_last"].values(), attention["mean_lag"], machine]],
-            )
-            + "\n\n![attention map](attention_map/attention_map.png)"
-        )
-    for name, error in report["failures"].items():
-        parts.append(f"## {name}: FAILED\n\n`{error}`")
+    parts += [SECTION_RENDERERS[name](report["results"][name]) for name in SECTIONS if name in report["results"]]
+    parts += [f"## {name}: FAILED\n\n`{error}`" for name, error in report["failures"].items()]
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,15 +1,12 @@
-"""Attention backends at long context: prefill time and peak memory of eager vs sdpa (vs flash_attention_2), one-shot vs chunked.
+"""Attention backends at long context: prefill time and peak memory of eager vs sdpa (vs flash_attention_2), one-shot vs
+chunked (``generate(max_new_tokens=1)`` on a random prompt, whole or in ``GenerationConfig.prefill_chunk_size`` chunks).
 
-Prefill is ``generate(max_new_tokens=1)`` on a random prompt, one-shot or with Transformers' chunked prefill
-(``GenerationConfig.prefill_chunk_size``: the prompt goes through the model in chunks that fill a DynamicCache).
-
-Peak memory is the extra memory the prefill needed on top of the loaded model:
-- on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the call;
-- on CPU, torch keeps no allocator statistics. The rows are measured in a fresh worker process that lowers
-  glibc's mmap threshold to 64 KiB (``mallopt(M_MMAP_THRESHOLD)``: every tensor buffer above that is its own
-  mapping, and freeing it returns it to the OS, so resident memory follows live tensors instead of malloc's
-  retained heap). Before each prefill the kernel's peak-RSS mark is reset through ``/proc/self/clear_refs``;
-  the peak is ``VmHWM - VmRSS`` read from ``/proc/self/status`` around the call.
+Peak memory is the extra memory the prefill needed on top of the loaded model: on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before the call. On CPU, torch keeps no allocator statistics:
+the rows run in a fresh worker process that lowers glibc's mmap threshold to 64 KiB (``mallopt(M_MMAP_THRESHOLD)``),
+so that every tensor buffer is its own mapping and freeing it returns it to the OS: resident memory then follows live
+tensors, not malloc's retained heap. The kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) before each
+prefill, and the peak is ``VmHWM - VmRSS`` from ``/proc/self/status``.
 
 Eager attention materialises ``heads x query x key`` fp32 scores per layer (8 x 16k x 16k = 8 GiB at 16k):
 configurations whose score tensors would not fit in the available memory are skipped with the reason.
@@ -17,15 +14,13 @@ configurations whose score tensors would not fit in the available memory are ski
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import ctypes.util
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._common import context_list, machine_info, write_json
+from ._common import add_common_arguments, context_list, machine_info, time_calls, write_json
 
 FULL_CONTEXTS = (2048, 8192, 16384)
 # --quick: one decoder layer and no 16k. Attention scores are freed layer by layer, so one layer's peak memory is
@@ -51,12 +46,16 @@ def available_memory_bytes(device: str) -> int:
     import torch
 
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return free
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
+
+
+def _proc_kib(path: str, field: str) -> int:
+    """A ``field: N kB`` line of a /proc file, in KiB."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{path} has no {field}")
 
 
 def skip_reason(backend: str, config, context: int, chunk_size: int | None, device: str) -> str | None:
@@ -90,26 +89,19 @@ def _build_config(preset: str, backend: str, context: int, num_layers: int | Non
 
 
 def prefill_once(
-    preset: str,
-    backend: str,
-    context: int,
-    chunk_size: int | None,
-    device: str,
-    num_layers: int | None = None,
-    seed: int = 0,
+    preset: str, backend: str, context: int, chunk_size: int | None, device: str, num_layers: int | None = None, seed=0
 ) -> dict:
-    """Runs one prefill and returns its time and peak extra memory (see the module docstring).
-
-    On CPU the peak is only meaningful in a process where ``_return_freed_tensor_memory_to_os`` ran first.
-    """
+    """Time and peak extra memory of one prefill; on CPU, only in a process where
+    ``_return_freed_tensor_memory_to_os`` ran first."""
     import torch
     from transformers import GenerationConfig
 
     from ..modeling_kvtrade import KVTradeForCausalLM
 
     config = _build_config(preset, backend, context, num_layers)
+    on_cuda = device.startswith("cuda")
     # flash_attention_2 needs half precision; on CUDA every backend runs in it so that the rows compare.
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if on_cuda else torch.float32
     torch.manual_seed(seed)
     model = KVTradeForCausalLM(config).to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -117,7 +109,6 @@ def prefill_once(
     generation_config = GenerationConfig(
         max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk_size, pad_token_id=config.pad_token_id
     )
-    on_cuda = device.startswith("cuda")
 
     def prefill(input_ids):
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config)
@@ -129,22 +120,12 @@ def prefill_once(
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = _read_status_kib("VmRSS") * 1024
+            before = _proc_kib("/proc/self/status", "VmRSS") * 1024
             Path("/proc/self/clear_refs").write_text("5")
-        start = time.perf_counter()
-        prefill(prompt)
-        if on_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if on_cuda else _read_status_kib("VmHWM") * 1024
+        synchronize = torch.cuda.synchronize if on_cuda else None
+        [seconds] = time_calls(lambda: prefill(prompt), 1, warmup=0, synchronize=synchronize)
+        peak = torch.cuda.max_memory_allocated() if on_cuda else _proc_kib("/proc/self/status", "VmHWM") * 1024
     return {"prefill_s": seconds, "peak_extra_mib": (peak - before) / 2**20, "dtype": str(dtype).removeprefix("torch.")}
-
-
-def _read_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _return_freed_tensor_memory_to_os() -> None:
@@ -157,20 +138,12 @@ def _return_freed_tensor_memory_to_os() -> None:
 
 
 def measure(
-    preset: str = "small",
-    contexts=FULL_CONTEXTS,
-    backends=BACKENDS,
-    chunk_size: int = 2048,
-    num_layers: int | None = None,
-    device: str | None = None,
-    seed: int = 0,
+    preset="small", contexts=FULL_CONTEXTS, backends=BACKENDS, chunk_size=2048, num_layers=None, device=None, seed=0
 ) -> dict:
     """One row per (backend, context, one-shot | chunked); skipped rows carry ``skipped`` with the reason.
 
-    Ratios: ``memory_vs_eager`` and ``speedup_vs_eager`` compare each one-shot row with eager one-shot at the same
-    context; ``chunked_memory_reduction`` compares each chunked row with the same backend's one-shot row.
-    ``num_layers`` overrides the preset's depth. On CPU the rows are measured in a fresh worker process, whose
-    malloc settings (see the module docstring) must not leak into the caller's timings.
+    ``memory_vs_eager`` and ``speedup_vs_eager`` compare a one-shot row with eager one-shot at its context,
+    ``chunked_memory_reduction`` a chunked row with its backend's one-shot row. ``num_layers`` overrides the preset's.
     """
     import torch
 
@@ -179,7 +152,7 @@ def measure(
     settings.update(num_layers=num_layers, device=device, seed=seed)
     if device.startswith("cuda"):
         rows = _measure_rows(**settings)
-    else:
+    else:  # a fresh worker, whose malloc settings must not leak into the caller's timings
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
             rows = worker.submit(_measure_rows, **settings).result()
     _add_ratios(rows)
@@ -211,8 +184,7 @@ def _measure_rows(preset, contexts, backends, chunk_size, num_layers, device, se
                     "eager_scores_mib_per_layer": eager_score_bytes(config, mode_chunk or context, context) / 2**20,
                     "machine": machine,
                 }
-                reason = skip_reason(backend, config, context, mode_chunk, device)
-                if reason:
+                if reason := skip_reason(backend, config, context, mode_chunk, device):
                     row["skipped"] = reason
                 else:
                     row.update(prefill_once(preset, backend, context, mode_chunk, device, num_layers, seed))
@@ -234,11 +206,8 @@ def _add_ratios(rows: list[dict]) -> None:
                 row["chunked_memory_reduction"] = one_shot["peak_extra_mib"] / row["peak_extra_mib"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", default="out/bench/attention.json", help="where to write the results (default: %(default)s)")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_LAYERS} decoder layer and contexts {QUICK_CONTEXTS} only"
-    )
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, "attention", quick=f"{QUICK_LAYERS} decoder layer and contexts {QUICK_CONTEXTS} only")
     parser.add_argument("--contexts", type=context_list, help=f"comma-separated prompt lengths (default: {FULL_CONTEXTS})")
     parser.add_argument("--preset", default="small", help="model shape (default: %(default)s)")
     parser.add_argument("--chunk-size", type=int, default=2048, help="prefill_chunk_size of the chunked rows")
@@ -253,12 +222,11 @@ def run(args) -> int:
         num_layers=QUICK_LAYERS if args.quick else None,
         device=args.device,
     )
-    write_json(args.json, result)
     for row in result["rows"]:
         label = f"{row['backend']:>17} {row['context']:>6} {row['mode']:>15}"
         if "skipped" in row:
             print(f"{label}: skipped ({row['skipped']})")
         else:
             print(f"{label}: prefill {row['prefill_s']:.2f} s, peak +{row['peak_extra_mib']:.0f} MiB")
-    print(f"wrote {args.json}")
+    print(f"wrote {write_json(args.json, result)}")
     return 0

@@ -1,13 +1,12 @@
 """Attention map of the shipped model on a real series: which past bars the next-bar forecast attends to.
 
-Eager attention returns its softmax weights (``output_attentions=True``); they are averaged over every head of
-every layer. The row of the last position is what the next-bar forecast reads, indexed here by lag (0 is the
-latest bar). The context is the one the checkpoint's context policy gives the next forecast.
+Eager attention returns its softmax weights (``output_attentions=True``), averaged here over every head of every
+layer, over the context the checkpoint's context policy gives the next forecast. The row of the last position is
+what the next-bar forecast reads, indexed by lag (0 is the latest bar).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,12 @@ from ._common import machine_info, write_json
 SUMMARY_LAGS = (1, 5, 20, 60)
 
 
-def measure(
-    checkpoint: str | Path = SHIPPED_CHECKPOINT,
-    series: str = "sp500",
-    out_dir: str | Path | None = None,
-) -> dict:
-    """The head- and layer-averaged attention map over the context the next forecast of ``series`` reads.
+def measure(checkpoint: str | Path = SHIPPED_CHECKPOINT, series: str = "sp500", out_dir: str | Path | None = None):
+    """The averaged ``map`` (rows are query positions) over the context the next forecast of ``series`` reads.
 
-    The context is the checkpoint's policy context of the whole series, as every forecasting path feeds it.
-    Returns ``map`` (``context_length x context_length``, rows are query positions), ``weights_by_lag`` (the last
-    row, reversed so index 0 is the latest bar), the attention mass within the last few bars, the
-    attention-weighted mean lag, and the weight on the window's first token (attention sinks gather there).
-    With ``out_dir``, also writes ``attention_map.png`` there.
+    Also ``weights_by_lag`` (its last row, reversed), the attention mass within the last few bars, the weighted mean
+    lag and the weight on the window's first token (attention sinks gather there). With ``out_dir``, also writes
+    ``attention_map.png`` there.
     """
     import torch
 
@@ -37,7 +30,6 @@ def measure(
     from ..forecasting import Forecaster
 
     forecaster = Forecaster.from_pretrained(checkpoint, attn_implementation="eager")
-    source = f"checkpoint {checkpoint}"
     frame = load_series(series)
     input_ids = forecaster.encode_context(frame["close"].to_numpy())
     context_length = input_ids.shape[1]
@@ -47,10 +39,9 @@ def measure(
         attentions = forecaster.model(input_ids=input_ids, output_attentions=True).attentions
     attention_map = torch.stack(attentions).mean(dim=(0, 1, 2)).double().numpy()  # layers, batch, heads
     weights_by_lag = attention_map[-1, ::-1].copy()
-    lags = np.arange(context_length)
     result = {
         "benchmark": "attention_map",
-        "source": source,
+        "source": f"checkpoint {checkpoint}",
         "series": series,
         "context_length": context_length,
         "first_bar": window.index[0].isoformat(),
@@ -58,7 +49,7 @@ def measure(
         "num_layers": len(attentions),
         "num_heads": attentions[0].shape[1],
         "mass_within_last": {str(lag): float(weights_by_lag[:lag].sum()) for lag in SUMMARY_LAGS},
-        "mean_lag": float(weights_by_lag @ lags),
+        "mean_lag": float(weights_by_lag @ np.arange(context_length)),
         "first_token_weight": float(attention_map[-1, 0]),
         "uniform_weight": 1.0 / context_length,
         "weights_by_lag": weights_by_lag,
@@ -82,19 +73,19 @@ def plot(result: dict, window, path: Path) -> Path:
         3, 1, figsize=(10, 11), gridspec_kw={"height_ratios": [1, 1, 2.2]}, constrained_layout=True
     )
     prices.plot(bars, window["close"].to_numpy(), color="black", linewidth=1)
-    prices.set_ylabel("close")
-    prices.set_title(f"{result['series']}: attention of the next-bar forecast ({result['source']})")
+    prices.set(ylabel="close", title=f"{result['series']}: attention of the next-bar forecast ({result['source']})")
     weights.bar(bars, result["map"][-1], width=(bars[-1] - bars[0]) / len(bars), color="tab:blue")
     weights.axhline(result["uniform_weight"], color="gray", linestyle="--", linewidth=1, label="uniform")
-    weights.set_yscale("log")
-    weights.set_ylabel("attention weight")
+    weights.set(yscale="log", ylabel="attention weight")
     weights.legend(loc="upper left")
     image = heatmap.imshow(
         np.log10(np.maximum(result["map"], 1e-6)), cmap="viridis", aspect="auto", interpolation="nearest"
     )
-    heatmap.set_xlabel("key position (bar)")
-    heatmap.set_ylabel("query position (bar)")
-    heatmap.set_title(f"log10 attention, mean over {result['num_heads']} heads x {result['num_layers']} layers")
+    heatmap.set(
+        xlabel="key position (bar)",
+        ylabel="query position (bar)",
+        title=f"log10 attention, mean over {result['num_heads']} heads x {result['num_layers']} layers",
+    )
     figure.colorbar(image, ax=heatmap)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -102,8 +93,10 @@ def plot(result: dict, window, path: Path) -> Path:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="out/bench/attention_map", help="folder for attention_map.png and attention_map.json (default: %(default)s)")
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--out", default="out/bench/attention_map", help="folder of attention_map.png and .json (default: %(default)s)"
+    )
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", default="sp500", help="bundled series (default: %(default)s)")
 

@@ -1,24 +1,9 @@
 """KV cache policies side by side: bytes held, and forecast quality in nats per bar of full, int8, int4, sink, selective.
 
-Quality is the NLL of the realised return under each policy's next-bar density (the token NLL corrected by the log
-bin width, :meth:`BinnedDistribution.log_density`), on the test periods of real bundled series, one tick at a time
-as a live stream arrives. A change is reported in nats per bar against the full cache on the same bars, and as a
-share of the model's *edge* on those bars: its NLL advantage over the unconditional Student-t baseline of
-:mod:`hf_kvtrade.evaluation`. A cache that costs 0.024 nats per bar looks like 0.4% of the token cross-entropy, but
-it is 40% of an edge of 0.06.
-
-Two settings, both at the checkpoint's trained window ``W``:
-
-- **W**: every policy is rebased by the context policy (:mod:`hf_kvtrade.context`), as every serving path is: at
-  each anchor a fresh cache is prefilled with the anchor's context, then the bars arrive one at a time. The full
-  cache then reproduces the context-policy forecast of ``kvtrade evaluate`` (the ``full`` row shows by how much).
-- **8W** (``--long-windows``): the sink cache streams ``8W`` ticks before the first scored bar *without* a rebase,
-  one tick at a time; that is what it exists for. Positions never exceed ``W`` for any other policy, so its
-  reference is the context-policy forecast on the same bars. The other policies rebase by the policy, so their
-  forecasts on any stream length are the W-setting ones.
-
-The bounded caches (sink, selective) hold a quarter of ``W`` tokens: 25% of the memory of a full cache at the end
-of a window.
+Quality is the NLL of the realised return, one tick at a time, on the test periods of real bundled series; a change
+against the full cache is reported in nats per bar and as a share of the model's edge over the unconditional
+Student-t. Settings: **W** (every policy rebased by the context policy) and **8W** (the sink streams ``8W`` ticks
+without a rebase before the first scored bar). Method and results: docs/cache_policies.md.
 """
 
 from __future__ import annotations
@@ -28,7 +13,7 @@ from functools import partial
 
 import numpy as np
 
-from ..checkpoint import SHIPPED_CHECKPOINT
+from ._common import add_common_arguments
 
 POLICIES = ("full", "int8", "int4", "sink", "selective")
 # Largest share of the edge each policy may lose (issue 13).
@@ -39,16 +24,14 @@ DEFAULT_SERIES = "btc_usd_1h,eurusd_h1,sp500,nasdaq"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", default="out/bench/cache.json", help="where to write the results (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
+    add_common_arguments(parser, "cache", checkpoint=True, threads=True)
     parser.add_argument(
-        "--series", default=DEFAULT_SERIES, help="comma-separated bundled series whose test periods are scored (default: %(default)s)"
+        "--series", default=DEFAULT_SERIES, help="comma-separated bundled series to score (default: %(default)s)"
     )
     parser.add_argument(
-        "--long-windows", type=int, default=8, help="ticks the sink cache streams before the first scored bar, in windows W (default: %(default)s)"
+        "--long-windows", type=int, default=8, help="ticks the sink streams before scoring, in W (default: %(default)s)"
     )
     parser.add_argument("--num-sink-tokens", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one-token steps prefer 1; default: %(default)s)")
 
 
 def _attention_for(policy: str) -> str:
@@ -57,19 +40,19 @@ def _attention_for(policy: str) -> str:
 
 
 def _stream(model, tokenizer, new_cache, ids: np.ndarray, first_target: int, anchor_of, prefill_chunk: int | None):
-    """Next-bar distributions of ``ids[first_target:]``, one tick at a time, with the cache each anchor starts.
+    """Next-bar distributions of ``ids[first_target:]``, one tick at a time: ``(distribution, stats)``.
 
-    ``anchor_of(k)`` is the first token the forecast of token ``k`` conditions on; when it moves, a fresh cache
-    from ``new_cache()`` reads ``ids[anchor:k]`` in chunks of ``prefill_chunk`` tokens (all at once when None).
-    Returns ``(distribution, seconds of each one-tick step, most bytes held, most tokens held)``.
+    When ``anchor_of(k)``, the first token the forecast of ``k`` conditions on, moves, a fresh ``new_cache()`` reads
+    ``ids[anchor:k]`` in chunks of ``prefill_chunk`` tokens (all at once when None). ``stats`` holds the seconds of
+    each one-tick step and the most bytes and tokens the cache held.
     """
     import torch
 
     from ..distribution import BinnedDistribution
 
     token_ids = torch.as_tensor(ids).unsqueeze(0)
-    probs, seconds = [], []
-    anchor, cache, peak_bytes, peak_tokens = None, None, 0, 0
+    probs, stats = [], {"seconds": [], "bytes_held": 0, "tokens_held": 0}
+    anchor, cache = None, None
     with torch.inference_mode():
         for target in range(first_target, len(ids)):
             if anchor_of(target) != anchor:
@@ -80,22 +63,34 @@ def _stream(model, tokenizer, new_cache, ids: np.ndarray, first_target: int, anc
             else:
                 started = time.perf_counter()
                 logits = model(token_ids[:, target - 1 : target], past_key_values=cache).logits
-                seconds.append(time.perf_counter() - started)
+                stats["seconds"].append(time.perf_counter() - started)
             probs.append(torch.softmax(logits[0, -1].double(), dim=-1).numpy())
-            peak_bytes = max(peak_bytes, cache.nbytes())
-            peak_tokens = max(peak_tokens, cache.num_tokens_held())
-    return BinnedDistribution.from_token_probs(np.stack(probs), tokenizer), seconds, peak_bytes, peak_tokens
+            stats["bytes_held"] = max(stats["bytes_held"], cache.nbytes())
+            stats["tokens_held"] = max(stats["tokens_held"], cache.num_tokens_held())
+    return BinnedDistribution.from_token_probs(np.stack(probs), tokenizer), stats
 
 
-def _mean_and_error(values: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error."""
-    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+def _held_and_latency(streams: list[dict]) -> dict:
+    """The most tokens and bytes held over several streams' ``stats``, and the p50 and p90 of their steps."""
+    from ._common import percentile_ms
+
+    seconds = [step for stats in streams for step in stats["seconds"]]
+    return {
+        "tokens_held": max(stats["tokens_held"] for stats in streams),
+        "bytes_held": max(stats["bytes_held"] for stats in streams),
+        "p50_ms": percentile_ms(seconds),
+        "p90_ms": percentile_ms(seconds, 90),
+    }
 
 
 def _quality(policy_nll: np.ndarray, full_nll: np.ndarray, baseline_nll: np.ndarray) -> dict:
     """NLL change against the full cache in nats per bar, and as a share of the full cache's edge over the baseline."""
-    change, change_error = _mean_and_error(policy_nll - full_nll)
-    edge, edge_error = _mean_and_error(baseline_nll - full_nll)
+
+    def mean_and_error(values: np.ndarray) -> tuple[float, float]:
+        return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+    change, change_error = mean_and_error(policy_nll - full_nll)
+    edge, edge_error = mean_and_error(baseline_nll - full_nll)
     return {
         "nll": float(policy_nll.mean()),
         "nll_change": change,
@@ -107,19 +102,22 @@ def _quality(policy_nll: np.ndarray, full_nll: np.ndarray, baseline_nll: np.ndar
 
 
 def _target(policy: str, row: dict) -> dict:
-    limit = EDGE_LOSS_TARGETS[policy]
-    share = row["share_of_edge"]
+    limit, share = EDGE_LOSS_TARGETS[policy], row["share_of_edge"]
     if share is None:
         return {"limit": limit, "met": False, "why": "the full cache has no edge over the unconditional baseline here"}
     return {"limit": limit, "met": share <= limit}
 
 
-def _row_text(name: str, row: dict, full_bytes: int) -> str:
-    share = "n/a" if row["share_of_edge"] is None else f"{100 * row['share_of_edge']:+.2f}%"
-    return (
-        f"{name:<10} {row['tokens_held']:>7} {row['bytes_held'] / 1e6:>8.3f} {row['bytes_held'] / full_bytes:>6.3f} "
-        f"{row['nll_change']:>+10.5f} {row['nll_change_stderr']:>8.5f} {share:>9} {row['p50_ms']:>7.2f}"
-    )
+def _print_rows(rows: dict, full_bytes: int) -> None:
+    headers = f"{'policy':<10} {'tokens':>7} {'MB held':>8} {'ratio':>6} {'ΔNLL/bar':>10} {'± s.e.':>8} {'of edge':>9}"
+    print(f"{headers} {'p50 ms':>7}")
+    for name, row in rows.items():
+        share = "n/a" if row["share_of_edge"] is None else f"{100 * row['share_of_edge']:+.2f}%"
+        print(
+            f"{name:<10} {row['tokens_held']:>7} {row['bytes_held'] / 1e6:>8.3f} "
+            f"{row['bytes_held'] / full_bytes:>6.3f} {row['nll_change']:>+10.5f} {row['nll_change_stderr']:>8.5f} "
+            f"{share:>9} {row['p50_ms']:>7.2f}"
+        )
 
 
 def run(args) -> int:
@@ -130,12 +128,8 @@ def run(args) -> int:
     from ..context import ContextPolicy
     from ..data import load_series
     from ..data.windows import tokenize_period
-    from ..evaluation import (
-        model_forecast,
-        returns_and_test_start,
-        unconditional_forecast,
-    )
-    from ._common import machine_info, percentile_ms, write_json
+    from ..evaluation import model_forecast, returns_and_test_start, unconditional_forecast
+    from ._common import machine_info, print_target, write_json
 
     if args.long_windows < 1:
         raise ValueError(f"--long-windows must be at least 1, got {args.long_windows}")
@@ -143,15 +137,15 @@ def run(args) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     track_attention(model)
     context = ContextPolicy.from_config(model.config)
-    budget = context.window // 4
+    budget = context.window // 4  # of the bounded caches (sink, selective): 25% of a full cache at a window's end
     long_ticks = args.long_windows * context.window
-    cache_kwargs = {
-        "full": {},
-        "int8": {},
-        "int4": {},
+    cache_kwargs = {policy: {} for policy in ("full", "int8", "int4")} | {
         "sink": {"num_sink_tokens": args.num_sink_tokens, "window": budget - args.num_sink_tokens},
         "selective": {"budget": budget, "policy": "hybrid", "num_sink_tokens": args.num_sink_tokens},
     }
+
+    def cache_factory(policy: str):
+        return partial(build_cache, model.config, policy, **cache_kwargs[policy])
 
     names = [name.strip() for name in args.series.split(",") if name.strip()]
     series = {}
@@ -172,7 +166,7 @@ def run(args) -> int:
     # The reference and the baseline, per bar: the context-policy forecast (what `kvtrade evaluate` scores) and the
     # unconditional Student-t fitted before the test period.
     reference_nll, baseline_nll, nll = {}, {}, {policy: {} for policy in POLICIES}
-    measured = {policy: {"seconds": [], "bytes_held": 0, "tokens_held": 0} for policy in POLICIES}
+    streams = {policy: [] for policy in POLICIES}
     for name, (ids, first_target, target_returns, returns, test_start) in series.items():
         model.set_attn_implementation("sdpa")
         reference_nll[name] = -model_forecast(model, tokenizer, ids, first_target, context).log_density(target_returns)
@@ -180,14 +174,11 @@ def run(args) -> int:
         for policy in POLICIES:
             model.set_attn_implementation(_attention_for(policy))
             started = time.perf_counter()
-            distribution, seconds, peak_bytes, peak_tokens = _stream(
-                model, tokenizer, partial(build_cache, model.config, policy, **cache_kwargs[policy]), ids, first_target,
-                context.start, prefill_chunk=None,
+            distribution, stats = _stream(
+                model, tokenizer, cache_factory(policy), ids, first_target, context.start, prefill_chunk=None
             )
             nll[policy][name] = -distribution.log_density(target_returns)
-            measured[policy]["seconds"] += seconds
-            measured[policy]["bytes_held"] = max(measured[policy]["bytes_held"], peak_bytes)
-            measured[policy]["tokens_held"] = max(measured[policy]["tokens_held"], peak_tokens)
+            streams[policy].append(stats)
             print(f"W:  {name} {policy}: {len(target_returns)} bars in {time.perf_counter() - started:.1f}s", flush=True)
 
     def pooled(per_series: dict, which=names) -> np.ndarray:
@@ -199,10 +190,7 @@ def run(args) -> int:
         row = {
             "cache_kwargs": cache_kwargs[policy],
             "attention": _attention_for(policy),
-            "tokens_held": measured[policy]["tokens_held"],
-            "bytes_held": measured[policy]["bytes_held"],
-            "p50_ms": percentile_ms(measured[policy]["seconds"]),
-            "p90_ms": percentile_ms(measured[policy]["seconds"], 90),
+            **_held_and_latency(streams[policy]),
             **_quality(pooled(nll[policy]), full_nll, pooled(baseline_nll)),
             "series": {name: _quality(nll[policy][name], nll["full"][name], baseline_nll[name]) for name in names},
         }
@@ -213,77 +201,62 @@ def run(args) -> int:
         window_rows[policy] = row
 
     # 8W: the sink streams long_ticks ticks one at a time before the first scored bar, and never rebases.
-    sink_nll = {}
-    sink_measured = {"seconds": [], "bytes_held": 0, "tokens_held": 0}
+    sink_nll, sink_streams = {}, []
     model.set_attn_implementation(_attention_for("sink"))
     for name in long_names:
         ids, first_target, target_returns, *_ = series[name]
         started = time.perf_counter()
-        distribution, seconds, peak_bytes, peak_tokens = _stream(
-            model, tokenizer, partial(build_cache, model.config, "sink", **cache_kwargs["sink"]), ids, first_target,
-            lambda target, stream_start=first_target - long_ticks: stream_start, prefill_chunk=1,
+        distribution, stats = _stream(
+            model, tokenizer, cache_factory("sink"), ids, first_target,
+            anchor_of=lambda _, start=first_target - long_ticks: start, prefill_chunk=1,
         )
         sink_nll[name] = -distribution.log_density(target_returns)
-        sink_measured["seconds"] += seconds
-        sink_measured["bytes_held"] = max(sink_measured["bytes_held"], peak_bytes)
-        sink_measured["tokens_held"] = max(sink_measured["tokens_held"], peak_tokens)
+        sink_streams.append(stats)
         print(f"8W: {name} sink: {long_ticks} + {len(target_returns)} ticks in {time.perf_counter() - started:.1f}s", flush=True)
+    long_reference, long_baseline = pooled(reference_nll, long_names), pooled(baseline_nll, long_names)
     long_row = {
         "cache_kwargs": cache_kwargs["sink"],
         "series": long_names,
         "stream_ticks_before_first_scored_bar": long_ticks,
         "reference": "the context-policy forecast (the full cache rebased by the policy; positions never exceed W)",
-        "tokens_held": sink_measured["tokens_held"],
-        "bytes_held": sink_measured["bytes_held"],
-        "p50_ms": percentile_ms(sink_measured["seconds"]),
-        "p90_ms": percentile_ms(sink_measured["seconds"], 90),
-        **_quality(pooled(sink_nll, long_names), pooled(reference_nll, long_names), pooled(baseline_nll, long_names)),
+        **_held_and_latency(sink_streams),
+        **_quality(pooled(sink_nll, long_names), long_reference, long_baseline),
         # The same bars at W: what the long stream itself costs, apart from the series.
-        "rebased_on_the_same_bars": _quality(
-            pooled(nll["sink"], long_names), pooled(reference_nll, long_names), pooled(baseline_nll, long_names)
-        ),
+        "rebased_on_the_same_bars": _quality(pooled(nll["sink"], long_names), long_reference, long_baseline),
     }
     long_row["target"] = _target("sink", long_row)
 
     machine = machine_info()
-    machine_label = f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch thread(s)"
-    full_bytes = window_rows["full"]["bytes_held"]
-    header = (
-        f"{'policy':<10} {'tokens':>7} {'MB held':>8} {'ratio':>6} {'ΔNLL/bar':>10} {'± s.e.':>8} {'of edge':>9} {'p50 ms':>7}"
-    )
+    full = window_rows["full"]
     print(
         f"\nW={context.window}: every policy rebased by the context policy; {len(full_nll)} bars; edge of the full cache "
-        f"over the unconditional Student-t: {window_rows['full']['edge']:.5f} ± {window_rows['full']['edge_stderr']:.5f} "
-        "nats/bar"
+        f"over the unconditional Student-t: {full['edge']:.5f} ± {full['edge_stderr']:.5f} nats/bar"
     )
-    print(header)
-    for policy in POLICIES:
-        print(_row_text(policy, window_rows[policy], full_bytes))
+    _print_rows(window_rows, full["bytes_held"])
     print(
         f"full cache vs the context-policy forecast of `kvtrade evaluate`: largest gap "
-        f"{window_rows['full']['max_abs_nll_gap_to_context_policy_forecast']:.2e} nats on a bar"
+        f"{full['max_abs_nll_gap_to_context_policy_forecast']:.2e} nats on a bar"
     )
     print(
         f"\n{args.long_windows}W={long_ticks}: the sink streams {long_ticks} ticks before the first scored bar without a "
-        f"rebase ({', '.join(long_names)}; {len(pooled(sink_nll, long_names))} bars); reference: the context-policy "
+        f"rebase ({', '.join(long_names)}; {len(long_reference)} bars); reference: the context-policy "
         f"forecast (positions never exceed W); edge {long_row['edge']:.5f} ± {long_row['edge_stderr']:.5f} nats/bar. "
         "full, int8, int4 and selective rebase by the context policy, so on any stream they forecast as in the W rows."
     )
-    print(header)
-    print(_row_text("sink", long_row, full_bytes))
+    _print_rows({"sink": long_row}, full["bytes_held"])
     rebased = long_row["rebased_on_the_same_bars"]
     print(
-        f"the sink rebased by the policy on the same bars: {rebased['nll_change']:+.5f} ± {rebased['nll_change_stderr']:.5f} "
-        f"nats/bar" + ("" if rebased["share_of_edge"] is None else f" ({100 * rebased['share_of_edge']:+.2f}% of the edge)")
+        f"the sink rebased by the policy on the same bars: {rebased['nll_change']:+.5f} ± "
+        f"{rebased['nll_change_stderr']:.5f} nats/bar"
+        + ("" if rebased["share_of_edge"] is None else f" ({100 * rebased['share_of_edge']:+.2f}% of the edge)")
     )
-
-    print(f"\ntargets (share of the edge lost), measured on {machine_label}:")
-    for setting, rows in ((f"W={context.window}", window_rows), (f"{args.long_windows}W={long_ticks}", {"sink": long_row})):
-        for policy, row in rows.items():
-            if "target" in row:
-                target = row["target"]
-                verdict = "met" if target["met"] else "MISSED" + (f" ({target['why']})" if "why" in target else "")
-                print(f"  {setting:<12} {policy:<10} <= {100 * target['limit']:.0f}% of the edge: {verdict}")
+    print("\ntargets (share of the edge lost):")
+    targets = [(f"W={context.window}", policy, row) for policy, row in window_rows.items() if "target" in row]
+    for setting, policy, row in [*targets, (f"{args.long_windows}W={long_ticks}", "sink", long_row)]:
+        share, target = row["share_of_edge"], row["target"]
+        measured = f"n/a ({target['why']})" if share is None else f"{100 * share:+.2f}%"
+        limit = f"<= {100 * target['limit']:.0f}% of the edge"
+        print_target(f"{setting} {policy} {limit}", measured, target["met"], machine)
 
     payload = {
         "benchmark": "cache",

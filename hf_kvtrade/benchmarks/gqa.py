@@ -1,18 +1,15 @@
 """MHA vs GQA vs MQA at equal width: KV-cache bytes per token and cached-decode latency by context length.
 
-The three models share the preset's width, depth and query heads and differ only in ``num_key_value_heads``
-(MHA: one KV head per query head, GQA: the preset's groups, MQA: one). Weights are random: neither cache size nor
-step latency depends on what the weights are. Each context is prefilled once at the longest length; shorter
-contexts reuse that cache cropped back, and every timed decode step is cropped back again so each step sees
-exactly the stated context. The three models step in turn (round-robin), so a busy shared machine slows them alike.
+The models differ only in ``num_key_value_heads`` and have random weights (neither cache size nor step latency
+depends on them). Every timed decode step is cropped back so that it sees exactly the stated context, and the
+models step in turn (round-robin), so a busy shared machine slows them alike.
 """
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
-from ._common import context_list, machine_info, percentile_ms, time_calls, write_json
+from ._common import add_common_arguments, context_list, machine_info, percentile_ms, time_calls, write_json
 
 FULL_CONTEXTS = (1024, 4096, 8192)
 WARMUP_STEPS = 2
@@ -20,15 +17,10 @@ SEED_CLAIMS = {"cache_reduction": "2-4x less KV cache", "decode_speedup": "1.9-3
 
 
 def measure(
-    preset: str = "small",
-    flavours=("mha", "gqa", "mqa"),
-    contexts=FULL_CONTEXTS,
-    decode_steps: int = 30,
-    attn_implementation: str = "sdpa",
-    device: str | None = None,
-    seed: int = 0,
+    preset="small", flavours=("mha", "gqa", "mqa"), contexts=FULL_CONTEXTS, decode_steps=30, attn_implementation="sdpa",
+    device=None, seed=0
 ) -> dict:
-    """Returns ``{"rows": [...], ...}`` with one row per (flavour, context); ratios are relative to the first flavour."""
+    """One row per (flavour, context); the ratios are relative to the first flavour."""
     import torch
 
     from ..cache import FullKVCache, kv_cache_bytes
@@ -62,28 +54,30 @@ def measure(
             durations = {flavour: [] for flavour in flavours}
             for _, cache in contenders.values():
                 cache.crop(-(cache.get_seq_length() - context))
-            # Round-robin steps, so load from other processes on a shared machine hits every flavour alike.
-            for step in range(decode_steps + WARMUP_STEPS):
+            for _ in range(WARMUP_STEPS + decode_steps):
                 for flavour, (model, cache) in contenders.items():
-                    seconds = time_calls(partial(decode_step, model, cache), 1, warmup=0, synchronize=synchronize)
-                    if step >= WARMUP_STEPS:
-                        durations[flavour].extend(seconds)
-            for flavour, (model, cache) in contenders.items():
-                rows.append(
-                    {
-                        "attention": flavour,
-                        "num_attention_heads": model.config.num_attention_heads,
-                        "num_key_value_heads": model.config.num_key_value_heads,
-                        "context": context,
-                        "cache_bytes_per_token": kv_cache_bytes(model.config, 1),
-                        "cache_mib": kv_cache_bytes(model.config, context) / 2**20,
-                        "decode_p50_ms": percentile_ms(durations[flavour], 50),
-                        "decode_p90_ms": percentile_ms(durations[flavour], 90),
-                        "decode_steps": decode_steps,
-                        "machine": machine,
-                    }
-                )
-    _add_ratios(rows, reference=flavours[0])
+                    durations[flavour] += time_calls(partial(decode_step, model, cache), 1, 0, synchronize)
+            rows += [
+                {
+                    "attention": flavour,
+                    "num_attention_heads": model.config.num_attention_heads,
+                    "num_key_value_heads": model.config.num_key_value_heads,
+                    "context": context,
+                    "cache_bytes_per_token": kv_cache_bytes(model.config, 1),
+                    "cache_mib": kv_cache_bytes(model.config, context) / 2**20,
+                    "decode_p50_ms": percentile_ms(durations[flavour][WARMUP_STEPS:], 50),
+                    "decode_p90_ms": percentile_ms(durations[flavour][WARMUP_STEPS:], 90),
+                    "decode_steps": decode_steps,
+                    "machine": machine,
+                }
+                for flavour, (model, _) in contenders.items()
+            ]
+    # Ratios against the first flavour (reference / row: > 1 means better).
+    reference = {row["context"]: row for row in rows if row["attention"] == flavours[0]}
+    for row in rows:
+        base = reference[row["context"]]
+        row[f"cache_reduction_vs_{flavours[0]}"] = base["cache_bytes_per_token"] / row["cache_bytes_per_token"]
+        row[f"decode_speedup_vs_{flavours[0]}"] = base["decode_p50_ms"] / row["decode_p50_ms"]
     return {
         "benchmark": "gqa",
         "preset": preset,
@@ -94,18 +88,8 @@ def measure(
     }
 
 
-def _add_ratios(rows: list[dict], reference: str) -> None:
-    """Adds ``cache_reduction_vs_<ref>`` and ``decode_speedup_vs_<ref>`` (reference / row: >1 means better)."""
-    baseline = {row["context"]: row for row in rows if row["attention"] == reference}
-    for row in rows:
-        base = baseline[row["context"]]
-        row[f"cache_reduction_vs_{reference}"] = base["cache_bytes_per_token"] / row["cache_bytes_per_token"]
-        row[f"decode_speedup_vs_{reference}"] = base["decode_p50_ms"] / row["decode_p50_ms"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", default="out/bench/gqa.json", help="where to write the results (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="fewer timed decode steps (10 instead of 30)")
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, "gqa", quick="fewer timed decode steps (10 instead of 30)")
     parser.add_argument("--contexts", type=context_list, help=f"comma-separated context lengths (default: {FULL_CONTEXTS})")
     parser.add_argument("--preset", default="small", help="model shape (default: %(default)s)")
     parser.add_argument("--attn-implementation", default="sdpa", choices=("eager", "sdpa"))
@@ -120,12 +104,11 @@ def run(args) -> int:
         attn_implementation=args.attn_implementation,
         device=args.device,
     )
-    write_json(args.json, result)
     for row in result["rows"]:
         print(
             f"{row['attention']:>4} kv_heads={row['num_key_value_heads']} context={row['context']:>5}: "
             f"{row['cache_bytes_per_token']:.0f} B/token ({row['cache_reduction_vs_mha']:.1f}x less), "
             f"decode p50 {row['decode_p50_ms']:.2f} ms ({row['decode_speedup_vs_mha']:.2f}x faster)"
         )
-    print(f"wrote {args.json}")
+    print(f"wrote {write_json(args.json, result)}")
     return 0
