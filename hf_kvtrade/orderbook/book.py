@@ -10,19 +10,15 @@ from dataclasses import dataclass, field
 class OrderBook:
     """Bid and ask levels (price -> total volume) and the live orders (id -> (side, price, volume)).
 
-    Level totals are sums of the live orders' volumes, kept exactly in step with them: a level is removed when
-    its last order goes, so no residue of float subtraction leaves an empty level behind. Prices are kept sorted
-    (bids ascending too; the best bid is the last), so the top levels are a slice, not a sort per query.
+    A level's total is recomputed from its live orders and the level is removed with its last order, so no residue
+    of float subtraction leaves an empty level behind. Prices are kept sorted (the best bid is the last), so the top
+    levels are a slice. ``crossed_events`` counts the events after which the best bid is at or above the best ask
+    and ``crossed_episodes`` their runs, both from :meth:`end_snapshot` on (a REST snapshot is one instant).
 
-    ``crossed_events`` counts the events after which the best bid is at or above the best ask and
-    ``crossed_episodes`` the runs of such events; both count only after :meth:`end_snapshot`, since a REST
-    snapshot is one instant and never crossed.
-
-    Stale snapshot orders: the exchange matches an order on arrival, so a crossing that outlives the exchange
-    millisecond it began in cannot be real when one side of it is an order from the REST snapshot. That order was
-    filled or cancelled in the gap between the snapshot and the start of the stream, and its delete never reached
-    the feed. Such orders are removed at that moment and listed in ``stale_snapshot_orders`` (they are not hidden:
-    a capture's report gives their count). Crossings between live orders are the feed's own and are only counted.
+    Stale snapshot orders: the exchange matches an order on arrival, so a crossing that outlives the millisecond it
+    began in cannot be real when one side of it is an order from the REST snapshot: that order was filled or
+    cancelled before the stream began and its delete never reached the feed. It is removed then and listed in
+    ``stale_snapshot_orders``. Crossings between live orders are the feed's own and are only counted.
     """
 
     bids: dict[float, float] = field(default_factory=dict)
@@ -30,9 +26,9 @@ class OrderBook:
     orders: dict[int, tuple[str, float, float]] = field(default_factory=dict)
     crossed_events: int = 0
     crossed_episodes: int = 0
+    stale_snapshot_orders: list[int] = field(default_factory=list)
     _level_orders: dict[tuple[str, float], set[int]] = field(default_factory=dict)
     _prices: dict[str, list[float]] = field(default_factory=lambda: {"bid": [], "ask": []})
-    stale_snapshot_orders: list[int] = field(default_factory=list)
     _live: bool = False
     _was_crossed: bool = False
     _snapshot_ids: set[int] = field(default_factory=set)
@@ -42,40 +38,33 @@ class OrderBook:
         return self.bids if side == "bid" else self.asks
 
     def _add(self, order: int, side: str, price: float, volume: float) -> None:
-        key = (side, price)
-        members = self._level_orders.get(key)
-        if members is None:
-            self._level_orders[key] = {order}
+        members = self._level_orders.setdefault((side, price), set())
+        if not members:
             bisect.insort(self._prices[side], price)
-        else:
-            members.add(order)
+        members.add(order)
         self.orders[order] = (side, price, volume)
         self._refresh(side, price)
 
-    def _remove(self, order: int) -> tuple[str, float, float]:
-        side, price, volume = self.orders.pop(order)
-        key = (side, price)
-        members = self._level_orders[key]
+    def _remove(self, order: int) -> None:
+        side, price, _ = self.orders.pop(order)
+        members = self._level_orders[(side, price)]
         members.discard(order)
         if not members:
-            del self._level_orders[key]
+            del self._level_orders[(side, price)]
             prices = self._prices[side]
             del prices[bisect.bisect_left(prices, price)]
         self._refresh(side, price)
-        return side, price, volume
 
     def _refresh(self, side: str, price: float) -> None:
         members = self._level_orders.get((side, price))
-        levels = self._levels(side)
         if members:
-            levels[price] = sum(self.orders[order][2] for order in members)
+            self._levels(side)[price] = sum(self.orders[order][2] for order in members)
         else:
-            levels.pop(price, None)
+            self._levels(side).pop(price, None)
 
     def apply(self, order: int, action: str, direction: str, price: float, volume: float, stamp: int | None = None) -> None:
         """One event at exchange time ``stamp`` (ms). An unknown id of a delete is ignored (the reader lists those
-        lines); any other inconsistency raises, since the readers already refused such rows. Without ``stamp`` no
-        snapshot order is ever judged stale."""
+        lines); any other inconsistency raises. Without ``stamp`` no snapshot order is ever judged stale."""
         if action == "created":
             if order in self.orders:
                 raise ValueError(f"created id {order}, which is already live")
@@ -101,14 +90,9 @@ class OrderBook:
         self._snapshot_ids = set(self.orders)
 
     def _drop_stale_snapshot_orders(self, stamp: int | None) -> None:
-        if not self.crossed:
-            self._crossed_since = None
-            return
-        if self._crossed_since is None:
+        if self.crossed and self._crossed_since is None:
             self._crossed_since = stamp
-        if stamp is None or self._crossed_since is None or stamp <= self._crossed_since:
-            return
-        while self.crossed:
+        while self.crossed and None not in (stamp, self._crossed_since) and stamp > self._crossed_since:
             touching = self._level_orders[("bid", self.best_bid)] | self._level_orders[("ask", self.best_ask)]
             stale = sorted(touching & self._snapshot_ids)
             if not stale:
@@ -137,8 +121,4 @@ class OrderBook:
         """The best ``levels`` (price, volume) pairs of ``side``, best first."""
         prices = self._prices[side]
         chosen = prices[: -levels - 1 : -1] if side == "bid" else prices[:levels]
-        book = self._levels(side)
-        return [(price, book[price]) for price in chosen]
-
-    def total_volume(self, side: str) -> float:
-        return sum(self._levels(side).values())
+        return [(price, self._levels(side)[price]) for price in chosen]

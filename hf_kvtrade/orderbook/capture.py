@@ -1,9 +1,7 @@
-"""The Bitstamp BTC/USD order-flow capture of ob-analytics 0.1.0, read from the cached wheel, and its checks.
+"""The Bitstamp BTC/USD order-flow capture of ob-analytics 0.1.0 (docs/orderbook.md), read from the cached wheel.
 
-A real 30-minute recording (2026-05-02 02:36:20-03:06:20 UTC) of Bitstamp's ``live_orders`` and ``live_trades``:
-the first rows are ``created`` events built from a REST snapshot of the book, the last are ``deleted`` events for
-every order still resting at the end. The wheel is fetched by ``python -m hf_kvtrade.data.fetch`` and read in
-place (its data are GPL-2.0-or-later, so no copy enters this repository).
+The first rows are ``created`` events built from a REST snapshot of the book, the last ``deleted`` events for every
+order still resting at the end. The wheel's data are GPL-2.0-or-later, so they are read in place, never copied.
 """
 
 from __future__ import annotations
@@ -35,27 +33,21 @@ def load_meta() -> dict:
     return json.loads(OB_ANALYTICS.read_member(SAMPLE + "meta.json"))
 
 
-def _levels_from_orders(orders: dict[int, tuple[str, float, float]], side: str) -> dict[float, float]:
-    frame = pd.DataFrame([(price, volume) for s, price, volume in orders.values() if s == side], columns=["p", "v"])
-    return frame.groupby("p")["v"].sum().to_dict() if len(frame) else {}
-
-
 def _levels_match(book: OrderBook) -> bool:
-    return all(book._levels(side).keys() == (expected := _levels_from_orders(book.orders, side)).keys()
-               and np.allclose([book._levels(side)[p] for p in expected], list(expected.values()), rtol=1e-12, atol=0)
-               for side in ("bid", "ask"))  # fmt: skip
+    """Whether the levels are the live orders' volumes summed by side and price (to float summation order)."""
+    live = pd.DataFrame(list(book.orders.values()), columns=["side", "price", "volume"])
+    expected = live.groupby(["side", "price"])["volume"].sum()
+    levels = sorted([(("ask", p), v) for p, v in book.asks.items()] + [(("bid", p), v) for p, v in book.bids.items()])
+    return [key for key, _ in levels] == expected.index.tolist() and np.allclose(
+        [volume for _, volume in levels], expected.to_numpy(dtype=float), rtol=1e-12, atol=0)
 
 
 def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 50_000) -> dict:
-    """Replays the events and measures what the checks need.
-
-    Returns the counts of events, distinct orders, snapshot rows and orphan deletes; ``crossed_events`` and
-    ``crossed_episodes`` after the snapshot, and how many episodes end within the exchange millisecond they start
-    in (a marketable order shown resting before its fills); for each trade the best bid and ask just before the
-    first event of its exchange millisecond and whether its price lies at or inside them (tolerance zero);
-    whether the level totals equal the sum of live orders (to float summation order) at every ``audit_every``-th event; the live orders left
-    at the end.
-    """
+    """Replays the events and measures what the checks need: counts of events, orders, snapshot rows, orphan
+    deletes and stale snapshot orders; crossed events and episodes after the snapshot, and how many episodes end
+    within the exchange millisecond they start in; each trade's best bid and ask just before the first event of its
+    millisecond and whether its price lies at or inside them; whether the level totals equal the live orders' sums
+    at every ``audit_every``-th event and at the end; the live orders left."""
     book = OrderBook()
     first_live = snapshot_rows(orders)
     trade_stamps = trades["exchange_timestamp"].to_numpy()
