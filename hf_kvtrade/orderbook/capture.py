@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..data.archives import OB_ANALYTICS
 from .book import OrderBook
-from .events import read_orders, read_trades
+from .events import order_events, read_orders, read_trades
 from .features import snapshot_rows
 
 SAMPLE = "ob_analytics/_sample_data/"
@@ -53,9 +53,7 @@ def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 5
     trade_stamps = trades["exchange_timestamp"].to_numpy()
     touch = np.full((len(trades), 2), np.nan)
     next_trade, audits_ok, episode_start, same_ms_episodes = 0, True, None, 0
-    columns = zip(orders["id"].tolist(), orders["action"].tolist(), orders["direction"].tolist(),
-                  orders["price"].tolist(), orders["volume"].tolist(), orders["exchange_timestamp"].tolist())  # fmt: skip
-    for row, (order, action, direction, price, volume, stamp) in enumerate(columns):
+    for row, (order, action, direction, price, volume, stamp) in enumerate(order_events(orders)):
         if row == first_live:
             book.end_snapshot()
         while next_trade < len(trades) and trade_stamps[next_trade] <= stamp:

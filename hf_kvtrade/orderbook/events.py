@@ -22,6 +22,7 @@ TRADE_COLUMNS = ("trade_id", "timestamp", "exchange_timestamp", "price", "amount
 ACTIONS = ("created", "changed", "deleted")
 DIRECTIONS = ("bid", "ask")
 SIDES = ("buy", "sell")
+EVENT_FIELDS = ["id", "action", "direction", "price", "volume", "exchange_timestamp"]
 
 
 def _check(name: str, bad, message: Callable[[int], str]) -> None:
@@ -115,3 +116,9 @@ def read_trades(source: str | Path | bytes, name: str | None = None) -> pd.DataF
     _check_clock(name, out["exchange_timestamp"].to_numpy())
     out.insert(0, "line", np.arange(2, len(out) + 2))
     return out
+
+
+def order_events(orders: pd.DataFrame):
+    """``(id, action, direction, price, volume, exchange_timestamp)`` of each row, the arguments of
+    ``OrderBook.apply`` and ``TickClock.add_order``."""
+    return orders[EVENT_FIELDS].itertuples(index=False, name=None)

@@ -1,9 +1,4 @@
-"""Microstructure features of a replayed book on a fixed clock.
-
-The clock is 100 ms. On the Bitstamp BTC/USD capture the live feed carries a median of 162 events a second
-(peaks of 1,012), so a 1 s tick would fold about 160 book changes, and the order-flow imbalance of all of them,
-into one row; at 100 ms the median tick still holds 15 events and only 3.6% of ticks hold none, so the finer
-clock loses little to empty ticks and keeps the sub-second moves that OFI is about.
+"""Microstructure features of a replayed book on a fixed 100 ms clock (why 100 ms: docs/orderbook.md).
 
 Tick ``t`` (ms, a multiple of the clock) covers events with ``t - clock < exchange_timestamp <= t``; its book
 features are the book after the last of them, so a tick depends only on events up to its own time.
@@ -17,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .book import OrderBook
+from .events import order_events
 
 CLOCK_MS = 100
 IMBALANCE_LEVELS = (1, 5, 20)
@@ -62,9 +58,8 @@ def _row(book: OrderBook) -> dict[str, float]:
 class TickClock:
     """The book and the running tick of an event stream: what :func:`features` computes, one event at a time.
 
-    ``add_order`` and ``add_trade`` take events in exchange-time order and return the ticks that the event closed,
-    as ``(tick_ms, row)`` pairs (several when the stream skipped empty ticks). The leading snapshot is recognised as
-    :func:`snapshot_rows` does: the ``created`` rows sharing the first exchange timestamp.
+    ``add_order`` and ``add_trade`` take events in exchange-time order and return the ``(tick_ms, row)`` pairs of
+    the ticks the event closed (several when the stream skipped empty ticks).
     """
 
     def __init__(self, clock_ms: int = CLOCK_MS):
@@ -122,10 +117,8 @@ def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_M
     and ``events``. Indexed by tick time (UTC)."""
     clock = TickClock(clock_ms)
     rows = []
-    columns = zip(orders["id"].tolist(), orders["action"].tolist(), orders["direction"].tolist(),
-                  orders["price"].tolist(), orders["volume"].tolist(), orders["exchange_timestamp"].tolist())  # fmt: skip
-    for order, action, direction, price, volume, stamp in columns:
-        rows += clock.add_order(order, action, direction, price, volume, stamp)
+    for event in order_events(orders):
+        rows += clock.add_order(*event)
     rows.append(clock.close_tick())
     ticks = np.array([tick for tick, _ in rows])
     frame = pd.DataFrame([row for _, row in rows], index=pd.to_datetime(ticks, unit="ms", utc=True).rename("tick"))
