@@ -32,14 +32,6 @@ def _check(name: str, bad, message: Callable[[int], str]) -> None:
         raise ValueError(f"{name} line {rows[0] + 2}: {message(int(rows[0]))}")
 
 
-def _read_text_columns(source: str | Path | bytes, name: str, columns: tuple[str, ...], compressed: bool) -> pd.DataFrame:
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    frame = pd.read_csv(handle, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
-    if tuple(frame.columns) != columns:
-        raise ValueError(f"{name} line 1: header is {','.join(frame.columns)}, expected {','.join(columns)}")
-    return frame
-
-
 def _numbers(frame: pd.DataFrame, name: str, column: str, integer: bool) -> np.ndarray:
     raw = frame[column]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
@@ -80,42 +72,44 @@ def _check_lifecycles(name: str, ids: np.ndarray, action: pd.Series, orphan_dele
     return (np.flatnonzero(orphan) + 2).tolist()
 
 
+def _read(source: str | Path | bytes, name: str, columns: tuple[str, ...], choices: dict[str, tuple[str, ...]],
+          floats: tuple[str, str], compressed: bool = False, positive: bool = False) -> pd.DataFrame:
+    """The CSV's columns checked: ``choices`` among their allowed values, the others numbers >= 0 (integers unless
+    in ``floats``, and the ``floats`` above zero if ``positive``); a ``line`` column added."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    frame = pd.read_csv(handle, dtype=str, keep_default_na=False, compression="gzip" if compressed else "infer")
+    if tuple(frame.columns) != columns:
+        raise ValueError(f"{name} line 1: header is {','.join(frame.columns)}, expected {','.join(columns)}")
+    out = pd.DataFrame({column: _numbers(frame, name, column, integer=column not in floats)
+                        for column in columns if column not in choices})
+    for column in floats if positive else ():
+        _check(name, out[column].to_numpy() == 0, lambda row: f"{column} is 0: a trade has a positive {column}")
+    for column, allowed in choices.items():
+        out[column] = _choice(frame, name, column, allowed)
+    _check_clock(name, out["exchange_timestamp"].to_numpy())
+    out.insert(0, "line", np.arange(2, len(out) + 2))
+    return out
+
+
 def read_orders(source: str | Path | bytes, name: str | None = None, compressed: bool = False,
                 orphan_deletes: bool = False) -> pd.DataFrame:  # fmt: skip
     """Order events as a frame with the CSV's columns (``line`` added), every row checked.
 
-    Args:
-        source: a path, or the file's bytes (then ``name`` names it in errors).
-        compressed: the bytes are gzip-compressed (a path ending in ``.gz`` is recognised by itself).
-        orphan_deletes: accept a ``deleted`` of an id never seen, listing its line in
-            ``frame.attrs["orphan_delete_lines"]``. A capture needs it for orders created after its REST snapshot
-            was taken but before its live stream began: no row ever showed them.
+    ``source`` is a path or the file's bytes (then ``name`` names it in errors; ``compressed`` if gzipped).
+    ``orphan_deletes`` accepts a ``deleted`` of an id never seen, listing its line in
+    ``frame.attrs["orphan_delete_lines"]``: a capture needs it for orders created after its REST snapshot was taken
+    but before its live stream began, which no row ever showed.
     """
     name = name or Path(source).name
-    frame = _read_text_columns(source, name, ORDER_COLUMNS, compressed)
-    out = pd.DataFrame({column: _numbers(frame, name, column, integer=column not in ("price", "volume"))
-                        for column in ORDER_COLUMNS[:-2]})  # fmt: skip
-    out["action"] = _choice(frame, name, "action", ACTIONS)
-    out["direction"] = _choice(frame, name, "direction", DIRECTIONS)
-    _check_clock(name, out["exchange_timestamp"].to_numpy())
-    orphans = _check_lifecycles(name, out["id"].to_numpy(), out["action"], orphan_deletes)
-    out.insert(0, "line", np.arange(2, len(out) + 2))
-    out.attrs["orphan_delete_lines"] = orphans
+    choices = {"action": ACTIONS, "direction": DIRECTIONS}
+    out = _read(source, name, ORDER_COLUMNS, choices, ("price", "volume"), compressed)
+    out.attrs["orphan_delete_lines"] = _check_lifecycles(name, out["id"].to_numpy(), out["action"], orphan_deletes)
     return out
 
 
 def read_trades(source: str | Path | bytes, name: str | None = None) -> pd.DataFrame:
     """Trades as a frame with the CSV's columns (``line`` added); ``price`` and ``amount`` must be positive."""
-    name = name or Path(source).name
-    frame = _read_text_columns(source, name, TRADE_COLUMNS, compressed=False)
-    out = pd.DataFrame({column: _numbers(frame, name, column, integer=column not in ("price", "amount"))
-                        for column in TRADE_COLUMNS[:-1]})  # fmt: skip
-    for column in ("price", "amount"):
-        _check(name, out[column].to_numpy() == 0, lambda row: f"{column} is 0: a trade has a positive {column}")
-    out["side"] = _choice(frame, name, "side", SIDES)
-    _check_clock(name, out["exchange_timestamp"].to_numpy())
-    out.insert(0, "line", np.arange(2, len(out) + 2))
-    return out
+    return _read(source, name or Path(source).name, TRADE_COLUMNS, {"side": SIDES}, ("price", "amount"), positive=True)
 
 
 def order_events(orders: pd.DataFrame):
