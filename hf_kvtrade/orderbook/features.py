@@ -25,10 +25,11 @@ def snapshot_rows(orders: pd.DataFrame) -> int:
     return len(same) if same.all() else int(np.argmin(same))
 
 
-def _touch(book: OrderBook, side: str) -> tuple[float, float]:
-    """Best price and its volume; an empty side is (nan, 0), which makes its OFI terms vanish."""
-    price = book.best_bid if side == "bid" else book.best_ask
-    return (math.nan, 0.0) if price is None else (price, (book.bids if side == "bid" else book.asks)[price])
+def _touch(book: OrderBook) -> tuple[float, float, float, float]:
+    """``(bid, bid size, ask, ask size)``; an empty side is (nan, 0), which makes its OFI terms vanish."""
+    bid, ask = book.best_bid, book.best_ask
+    return (math.nan if bid is None else bid, book.bids.get(bid, 0.0), math.nan if ask is None else ask,
+            book.asks.get(ask, 0.0))
 
 
 def ofi_term(before: tuple[float, float, float, float], after: tuple[float, float, float, float]) -> float:
@@ -47,8 +48,7 @@ def _imbalance(book: OrderBook, levels: int) -> float:
 
 
 def _row(book: OrderBook) -> dict[str, float]:
-    bid, bid_size = _touch(book, "bid")
-    ask, ask_size = _touch(book, "ask")
+    bid, bid_size, ask, ask_size = _touch(book)
     size = bid_size + ask_size
     return {"mid": (bid + ask) / 2, "spread": ask - bid,
             "microprice": (bid * ask_size + ask * bid_size) / size if size > 0 else math.nan,
@@ -96,10 +96,10 @@ class TickClock:
         if not self._snapshot_over and not (stamp == self._first_stamp and action == "created"):
             self._snapshot_over = True
             self.book.end_snapshot()
-        before = (*_touch(self.book, "bid"), *_touch(self.book, "ask"))
+        before = _touch(self.book)
         self.book.apply(order, action, direction, price, volume, stamp)
         if self._snapshot_over:
-            self._ofi += ofi_term(before, (*_touch(self.book, "bid"), *_touch(self.book, "ask")))
+            self._ofi += ofi_term(before, _touch(self.book))
         self._events += 1
         return closed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -126,21 +127,18 @@ class OrderBookTokenizer:
         return softmax(np.asarray(logits, dtype=np.float64)[..., self.move_ids], axis=-1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, TOKENIZER_FILE)
-        with open(path, "w") as f:
-            json.dump({"tokenizer_class": type(self).__name__, **asdict(self)}, f, indent=2)
-        return path
+        path = Path(directory, TOKENIZER_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"tokenizer_class": type(self).__name__, **asdict(self)}, indent=2))
+        return str(path)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> OrderBookTokenizer:
-        path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.isfile(path):
+        path = Path(directory, TOKENIZER_FILE)
+        if not path.is_file():
             raise FileNotFoundError(f"{os.fspath(directory)!r} has no {TOKENIZER_FILE}: not an order-book checkpoint")
-        with open(path) as f:
-            settings = json.load(f)
-        name = settings.pop("tokenizer_class", None)
-        if name != cls.__name__:
+        settings = json.loads(path.read_text())
+        if (name := settings.pop("tokenizer_class", None)) != cls.__name__:
             raise ValueError(f"{path} describes a {name}, not an {cls.__name__}")
         return cls(**settings)  # __post_init__ makes the edges a tuple
 
