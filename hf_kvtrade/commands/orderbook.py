@@ -1,18 +1,13 @@
-"""`kvtrade orderbook`: replays the Bitstamp BTC/USD capture through the streaming order-book analyzer.
-
-``kvtrade orderbook`` (``replay``) prints forecasts and writes the trader's plot; ``kvtrade orderbook evaluate``
-compares the shipped model with the baselines on the validation and test periods; ``kvtrade orderbook train``
-reproduces the shipped checkpoint.
-"""
+"""`kvtrade orderbook [replay|evaluate|train]`: the Bitstamp BTC/USD capture through the order-book model (replay
+with forecasts and a plot, the comparison with the baselines, or retraining the shipped checkpoint)."""
 
 from __future__ import annotations
-
-ACTIONS = ("replay", "evaluate", "train")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("orderbook", help="replay the BTC/USD order-book capture with next-mid-move forecasts")
-    parser.add_argument("action", nargs="?", default="replay", choices=ACTIONS, help="what to do (default: %(default)s)")
+    parser.add_argument("action", nargs="?", default="replay", choices=("replay", "evaluate", "train"),
+                        help="what to do (default: %(default)s)")
     parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
     parser.add_argument("--cache", default="int8", help="KV cache policy of the analyzer (default: %(default)s)")
     parser.add_argument("--limit-events", type=int, help="replay only the first N order events")

@@ -12,8 +12,9 @@ class OrderBook:
 
     A level's total is recomputed from its live orders and the level is removed with its last order, so no residue
     of float subtraction leaves an empty level behind. Prices are kept sorted (the best bid is the last), so the top
-    levels are a slice. ``crossed_events`` counts the events after which the best bid is at or above the best ask
-    and ``crossed_episodes`` their runs, both from :meth:`end_snapshot` on (a REST snapshot is one instant).
+    levels are a slice. ``crossed_events`` counts the events after which the best bid is at or above the best ask,
+    ``crossed_episodes`` their runs and ``one_ms_episodes`` the runs that end within the exchange millisecond they
+    began in (a marketable order shown resting before its fills), all from :meth:`end_snapshot` on.
 
     Stale snapshot orders: the exchange matches an order on arrival, so a crossing that outlives the millisecond it
     began in cannot be real when one side of it is an order from the REST snapshot: that order was filled or
@@ -26,6 +27,7 @@ class OrderBook:
     orders: dict[int, tuple[str, float, float]] = field(default_factory=dict)
     crossed_events: int = 0
     crossed_episodes: int = 0
+    one_ms_episodes: int = 0
     stale_snapshot_orders: list[int] = field(default_factory=list)
     _level_orders: dict[tuple[str, float], set[int]] = field(default_factory=dict)
     _prices: dict[str, list[float]] = field(default_factory=lambda: {"bid": [], "ask": []})
@@ -33,6 +35,7 @@ class OrderBook:
     _was_crossed: bool = False
     _snapshot_ids: set[int] = field(default_factory=set)
     _crossed_since: int | None = None
+    _episode_start: int | None = None
 
     def _levels(self, side: str) -> dict[float, float]:
         return self.bids if side == "bid" else self.asks
@@ -81,7 +84,10 @@ class OrderBook:
             self._drop_stale_snapshot_orders(stamp)
             crossed = self.crossed
             self.crossed_events += crossed
-            self.crossed_episodes += crossed and not self._was_crossed
+            if crossed and not self._was_crossed:
+                self.crossed_episodes += 1
+                self._episode_start = stamp
+            self.one_ms_episodes += self._was_crossed and not crossed and stamp == self._episode_start
             self._was_crossed = crossed
 
     def end_snapshot(self) -> None:

@@ -52,19 +52,14 @@ def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 5
     first_live = snapshot_rows(orders)
     trade_stamps = trades["exchange_timestamp"].to_numpy()
     touch = np.full((len(trades), 2), np.nan)
-    next_trade, audits_ok, episode_start, same_ms_episodes = 0, True, None, 0
+    next_trade, audits_ok = 0, True
     for row, (order, action, direction, price, volume, stamp) in enumerate(order_events(orders)):
         if row == first_live:
             book.end_snapshot()
         while next_trade < len(trades) and trade_stamps[next_trade] <= stamp:
             touch[next_trade] = (book.best_bid, book.best_ask)
             next_trade += 1
-        was_crossed = book.crossed and row > first_live
         book.apply(order, action, direction, price, volume, stamp)
-        if row >= first_live and book.crossed and not was_crossed:
-            episode_start = stamp
-        if row >= first_live and was_crossed and not book.crossed:
-            same_ms_episodes += stamp == episode_start
         if row % audit_every == 0:
             audits_ok &= _levels_match(book)
     audits_ok &= _levels_match(book)
@@ -75,7 +70,7 @@ def reconstruct(orders: pd.DataFrame, trades: pd.DataFrame, audit_every: int = 5
         "orphan_deletes": len(orders.attrs.get("orphan_delete_lines", [])),
         "stale_snapshot_orders": len(book.stale_snapshot_orders),
         "crossed_events": book.crossed_events, "crossed_episodes": book.crossed_episodes,
-        "crossed_episodes_within_one_ms": same_ms_episodes,
+        "crossed_episodes_within_one_ms": book.one_ms_episodes,
         "trades": len(trades), "trades_inside": int(inside.sum()), "trades_outside": int((~inside).sum()),
         "trade_touch": touch, "totals_match": bool(audits_ok), "orders_left": len(book.orders),
     }  # fmt: skip
