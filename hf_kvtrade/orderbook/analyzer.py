@@ -1,9 +1,8 @@
 """A streaming order-book analyzer: events in, one forecast of the next mid move per clock tick out.
 
-Each closed tick's three tokens go through the model in ONE forward with the KV cache (int8 by default). Once the
-history outgrows the checkpoint's trained window, the context policy moves the anchor by its stride and the cache
-is rebuilt by one prefill of the kept tokens, so the forecasts are those of a stateless full forward over the
-policy's context (exactly so with the ``full`` cache, to int8 rounding with ``int8``).
+Each closed tick's three tokens go through the model in ONE forward with the KV cache (int8 by default). When the
+context policy moves the anchor, the cache is rebuilt by one prefill of the kept tokens, so the forecasts are those
+of a full forward over the policy's context (exactly with the ``full`` cache, to int8 rounding with ``int8``).
 """
 
 from __future__ import annotations

@@ -10,15 +10,12 @@ from dataclasses import dataclass, field
 class OrderBook:
     """Bid and ask levels (price -> total volume) and the live orders (id -> (side, price, volume)).
 
-    A level's total is recomputed from its live orders and the level is removed with its last order, so no residue
-    of float subtraction leaves an empty level behind. Prices are kept sorted (the best bid is the last), so the top
-    levels are a slice. ``crossed_events`` counts the events after which the best bid is at or above the best ask,
-    ``crossed_episodes`` their runs and ``one_ms_episodes`` the runs that end within the exchange millisecond they
-    began in (a marketable order shown resting before its fills), all from :meth:`end_snapshot` on.
-
-    Stale snapshot orders: the exchange matches an order on arrival, so a crossing that outlives the millisecond it
-    began in cannot be real when one side of it is an order from the REST snapshot: that order was filled or
-    cancelled before the stream began and its delete never reached the feed. It is removed then and listed in
+    A level's total is recomputed from its live orders and goes with its last order, so no float residue leaves an
+    empty level behind; prices are kept sorted (the best bid last). From :meth:`end_snapshot` on, ``crossed_events``
+    counts the events after which the best bid is at or above the best ask, ``crossed_episodes`` their runs and
+    ``one_ms_episodes`` the runs that end within the exchange millisecond they began in (a marketable order shown
+    resting before its fills). A crossing that outlives its millisecond against an order of the REST snapshot means
+    that order was gone before the stream began (the exchange matches on arrival): it is removed and listed in
     ``stale_snapshot_orders``. Crossings between live orders are the feed's own and are only counted.
     """
 
