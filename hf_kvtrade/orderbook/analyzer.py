@@ -7,11 +7,9 @@ of a full forward over the policy's context (exactly with the ``full`` cache, to
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 import numpy as np
 import pandas as pd
@@ -62,10 +60,17 @@ class TickForecast:
 def merged_events(orders: pd.DataFrame, trades: pd.DataFrame) -> Iterator[tuple[int, bool, tuple]]:
     """``(exchange_timestamp, is_order, fields)`` of a capture's orders and trades in exchange-time order, the orders
     of a millisecond before its trades; ``fields`` are the arguments of ``add_order``/``add_trade`` before the stamp."""
-    order_rows = ((event[-1], True, event[:-1]) for event in order_events(orders))
-    trade_rows = trades[["exchange_timestamp", "side", "amount"]].itertuples(index=False, name=None)
-    # heapq.merge takes equal stamps from the first iterable first: a millisecond's orders before its trades.
-    return heapq.merge(order_rows, ((trade[0], False, trade[1:]) for trade in trade_rows), key=itemgetter(0))
+    columns = (trades[column].tolist() for column in ("exchange_timestamp", "side", "amount"))
+    trade_rows = ((stamp, False, (side, amount)) for stamp, side, amount in zip(*columns))
+    next_trade = next(trade_rows, None)
+    for event in order_events(orders):
+        while next_trade is not None and next_trade[0] < event[-1]:
+            yield next_trade
+            next_trade = next(trade_rows, None)
+        yield event[-1], True, event[:-1]
+    if next_trade is not None:
+        yield next_trade
+        yield from trade_rows
 
 
 class StreamingOrderBookAnalyzer:

@@ -38,8 +38,9 @@ class OrderBook:
         return self.bids if side == "bid" else self.asks
 
     def _add(self, order: int, side: str, price: float, volume: float) -> None:
-        members = self._level_orders.setdefault((side, price), set())
-        if not members:
+        members = self._level_orders.get((side, price))
+        if members is None:  # a new level (no empty set allocated for the common case of an existing one)
+            members = self._level_orders[(side, price)] = set()
             bisect.insort(self._prices[side], price)
         members.add(order)
         self.orders[order] = (side, price, volume)
@@ -81,11 +82,13 @@ class OrderBook:
             self._drop_stale_snapshot_orders(stamp)
             crossed = self.crossed
             self.crossed_events += crossed
-            if crossed and not self._was_crossed:
-                self.crossed_episodes += 1
-                self._episode_start = stamp
-            self.one_ms_episodes += self._was_crossed and not crossed and stamp == self._episode_start
-            self._was_crossed = crossed
+            if crossed != self._was_crossed:  # an episode starts or ends
+                self._was_crossed = crossed
+                if crossed:
+                    self.crossed_episodes += 1
+                    self._episode_start = stamp
+                else:
+                    self.one_ms_episodes += stamp == self._episode_start
 
     def end_snapshot(self) -> None:
         """Marks the end of the snapshot rows: crossed moments count from here on."""
@@ -93,9 +96,14 @@ class OrderBook:
         self._snapshot_ids = set(self.orders)
 
     def _drop_stale_snapshot_orders(self, stamp: int | None) -> None:
-        if self.crossed and self._crossed_since is None:
+        if not self.crossed:
+            self._crossed_since = None
+            return
+        if self._crossed_since is None:
             self._crossed_since = stamp
-        while self.crossed and None not in (stamp, self._crossed_since) and stamp > self._crossed_since:
+        if stamp is None or self._crossed_since is None or stamp <= self._crossed_since:
+            return
+        while self.crossed:
             touching = self._level_orders[("bid", self.best_bid)] | self._level_orders[("ask", self.best_ask)]
             stale = sorted(touching & self._snapshot_ids)
             if not stale:
