@@ -43,18 +43,6 @@ def _numbers(frame: pd.DataFrame, name: str, column: str, integer: bool) -> np.n
     return pd.to_numeric(raw).to_numpy().astype(np.int64)  # parsed again: ids above 2**53 lose digits as floats
 
 
-def _choice(frame: pd.DataFrame, name: str, column: str, allowed: tuple[str, ...]) -> np.ndarray:
-    values = frame[column].to_numpy(dtype=object)
-    _check(name, ~np.isin(values, allowed),
-           lambda row: f"{column} is {values[row]!r}, expected one of {', '.join(allowed)}")
-    return values
-
-
-def _check_clock(name: str, stamps: np.ndarray) -> None:
-    _check(name, np.diff(stamps, prepend=stamps[:1]) < 0,
-           lambda row: f"exchange_timestamp {stamps[row]} goes back from {stamps[row - 1]} on line {row + 1}")
-
-
 def _check_lifecycles(name: str, ids: np.ndarray, action: pd.Series, orphan_deletes: bool) -> list[int]:
     """Lines of the orphan deletes; raises at a create of a live id or a change or delete of one not live."""
     previous = action.groupby(ids).shift()
@@ -85,8 +73,12 @@ def _read(source: str | Path | bytes, name: str, columns: tuple[str, ...], choic
     for column in floats if positive else ():
         _check(name, out[column].to_numpy() == 0, lambda row: f"{column} is 0: a trade has a positive {column}")
     for column, allowed in choices.items():
-        out[column] = _choice(frame, name, column, allowed)
-    _check_clock(name, out["exchange_timestamp"].to_numpy())
+        values = out[column] = frame[column].to_numpy(dtype=object)
+        _check(name, ~np.isin(values, allowed),
+               lambda row: f"{column} is {values[row]!r}, expected one of {', '.join(allowed)}")
+    stamps = out["exchange_timestamp"].to_numpy()
+    _check(name, np.diff(stamps, prepend=stamps[:1]) < 0,
+           lambda row: f"exchange_timestamp {stamps[row]} goes back from {stamps[row - 1]} on line {row + 1}")
     out.insert(0, "line", np.arange(2, len(out) + 2))
     return out
 

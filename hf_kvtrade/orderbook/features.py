@@ -120,12 +120,11 @@ def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_M
     for event in order_events(orders):
         rows += clock.add_order(*event)
     rows.append(clock.close_tick())
-    ticks = np.array([tick for tick, _ in rows])
-    frame = pd.DataFrame([row for _, row in rows], index=pd.to_datetime(ticks, unit="ms", utc=True).rename("tick"))
+    ticks, values = zip(*rows)
+    frame = pd.DataFrame(list(values), index=pd.to_datetime(list(ticks), unit="ms", utc=True).rename("tick"))
     # Trades outside the orders' ticks fall away, so the rows are the orders' ticks whatever the trades hold.
     signed = np.where(trades["side"].to_numpy() == "buy", 1.0, -1.0) * trades["amount"].to_numpy()
     trade_ticks = -(-trades["exchange_timestamp"].to_numpy() // clock_ms) * clock_ms
-    flow = pd.Series(signed).groupby(trade_ticks).sum()
-    flow.index = pd.to_datetime(flow.index, unit="ms", utc=True)
+    flow = pd.Series(signed).groupby(pd.to_datetime(trade_ticks, unit="ms", utc=True)).sum()
     frame["trade_flow"] = flow.reindex(frame.index, fill_value=0.0)
     return frame
