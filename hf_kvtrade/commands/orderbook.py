@@ -1,18 +1,13 @@
-"""`kvtrade orderbook`: replays the Bitstamp BTC/USD capture through the streaming order-book analyzer.
-
-``kvtrade orderbook`` (``replay``) prints forecasts and writes the trader's plot; ``kvtrade orderbook evaluate``
-compares the shipped model with the baselines on the validation and test periods; ``kvtrade orderbook train``
-reproduces the shipped checkpoint.
-"""
+"""`kvtrade orderbook [replay|evaluate|train]`: the Bitstamp BTC/USD capture through the order-book model (replay
+with forecasts and a plot, the comparison with the baselines, or retraining the shipped checkpoint)."""
 
 from __future__ import annotations
-
-ACTIONS = ("replay", "evaluate", "train")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("orderbook", help="replay the BTC/USD order-book capture with next-mid-move forecasts")
-    parser.add_argument("action", nargs="?", default="replay", choices=ACTIONS, help="what to do (default: %(default)s)")
+    parser.add_argument("action", nargs="?", default="replay", choices=("replay", "evaluate", "train"),
+                        help="what to do (default: %(default)s)")
     parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
     parser.add_argument("--cache", default="int8", help="KV cache policy of the analyzer (default: %(default)s)")
     parser.add_argument("--limit-events", type=int, help="replay only the first N order events")
@@ -35,11 +30,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
     orders, trades = load_orders(), load_trades()
-    if args.action == "train":
-        return _train(args, orders, trades)
-    if args.action == "evaluate":
-        return _evaluate(args, orders, trades)
-    return _replay(args, orders, trades)
+    return (_replay if args.action == "replay" else _compare)(args, orders, trades)
 
 
 def _replay(args, orders, trades) -> int:
@@ -74,10 +65,9 @@ def _replay(args, orders, trades) -> int:
     print(f"{len(forecasts):,} ticks in {elapsed:.1f} s ({events / elapsed:,.0f} events/s, {len(forecasts) / elapsed:,.0f} ticks/s); "
           f"model latency per tick p50 {np.percentile(latencies, 50):.2f} ms, p99 {np.percentile(latencies, 99):.2f} ms; "
           f"{analyzer.rebases} rebases; cache {analyzer.cache_bytes():,} bytes")  # fmt: skip
-    frame = pd.DataFrame({"mid": [f.mid for f in forecasts]}, index=pd.to_datetime([f.tick_ms for f in forecasts], unit="ms", utc=True))
-    if len(frame) > 2:
+    if len(forecasts) > 2:
         try:
-            test_start = split_by_time(frame)[1]
+            test_start = split_by_time(pd.DataFrame(index=pd.to_datetime([f.tick_ms for f in forecasts], unit="ms")))[1]
         except ValueError:  # a replay shorter than the three periods: plot from its start
             test_start = 0
         end = min(len(forecasts), test_start + int(args.plot_minutes * 60_000 / analyzer.clock.clock_ms))
@@ -86,40 +76,30 @@ def _replay(args, orders, trades) -> int:
     return 0
 
 
-def _evaluate(args, orders, trades) -> int:
-    import json
-
-    from ..orderbook import features
-    from ..orderbook.evaluation import compare, format_report
-    from ..orderbook.training import load_orderbook_model
-
-    model, tokenizer = load_orderbook_model(args.checkpoint)
-    report = compare(features(orders, trades), model, tokenizer)
-    print(format_report(report))
-    print(json.dumps(report, indent=1))
-    return 0
-
-
-def _train(args, orders, trades) -> int:
+def _compare(args, orders, trades) -> int:
+    """``evaluate`` prints the comparison; ``train`` first trains into ``--output-dir`` and saves the comparison
+    there with the model card."""
     import json
     from pathlib import Path
 
     from ..orderbook import features
     from ..orderbook.evaluation import compare, format_report
-    from ..orderbook.training import (
-        load_orderbook_model,
-        train_orderbook_model,
-        write_model_card,
-    )
+    from ..orderbook.training import load_orderbook_model, train_orderbook_model, write_model_card
 
     frame = features(orders, trades)
-    run = train_orderbook_model(frame, args.output_dir, max_steps=args.max_steps)
-    model, tokenizer = load_orderbook_model(args.output_dir)
-    report = compare(frame, model, tokenizer)
-    command = f"kvtrade orderbook train --max-steps {args.max_steps}"
-    Path(args.output_dir, "evaluation.json").write_text(json.dumps({"command": command, "training": vars(run), "report": report}, indent=1))
-    write_model_card(args.output_dir, command, vars(run), format_report(report))
-    print(f"validation loss {run.initial_validation_loss:.4f} -> {run.validation_loss:.4f} (best step {run.best_step}) "
-          f"in {run.train_seconds / 60:.1f} min, {run.num_parameters:,} parameters; saved to {args.output_dir}")  # fmt: skip
+    if args.action == "train":
+        run = train_orderbook_model(frame, args.output_dir, max_steps=args.max_steps)
+        args.checkpoint = args.output_dir
+    report = compare(frame, *load_orderbook_model(args.checkpoint))
+    if args.action == "train":
+        command = f"kvtrade orderbook train --max-steps {args.max_steps}"
+        evaluation = {"command": command, "training": vars(run), "report": report}
+        Path(args.output_dir, "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+        write_model_card(args.output_dir, command, vars(run), format_report(report))
+        print(f"validation loss {run.initial_validation_loss:.4f} -> {run.validation_loss:.4f} (best step "
+              f"{run.best_step}) in {run.train_seconds / 60:.1f} min, {run.num_parameters:,} parameters; "
+              f"saved to {args.output_dir}")
     print(format_report(report))
+    if args.action == "evaluate":
+        print(json.dumps(report, indent=1))
     return 0

@@ -1,13 +1,8 @@
 """A streaming order-book analyzer: events in, one forecast of the next mid move per clock tick out.
 
-The analyzer keeps the book and the running tick (:class:`~hf_kvtrade.orderbook.features.TickClock`). When an
-event closes a tick, the tick's three tokens go through the model in ONE forward with the KV cache (int8 by
-default, :func:`hf_kvtrade.cache.build_cache`), and the logits of the last token are the distribution of the next
-tick's move. The context policy of the checkpoint (:class:`~hf_kvtrade.context.ContextPolicy`) decides what the
-forecast conditions on: once the history outgrows the trained window, the anchor moves by the policy's stride
-and the cache is rebuilt by one prefill of the kept tokens, so no position ever exceeds the trained window and
-the forecasts are those of a stateless full forward over the policy's context (exactly so with the ``full``
-cache, to int8 rounding with ``int8``).
+Each closed tick's three tokens go through the model in ONE forward with the KV cache (int8 by default). When the
+context policy moves the anchor, the cache is rebuilt by one prefill of the kept tokens, so the forecasts are those
+of a full forward over the policy's context (exactly with the ``full`` cache, to int8 rounding with ``int8``).
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import pandas as pd
 
 from ..context import ContextPolicy
 from ..distribution import DEFAULT_QUANTILES
+from .events import order_events
 from .features import CLOCK_MS, TickClock
 from .tokenizer import OrderBookTokenizer
 
@@ -62,30 +58,26 @@ class TickForecast:
 
 
 def merged_events(orders: pd.DataFrame, trades: pd.DataFrame) -> Iterator[tuple[int, bool, tuple]]:
-    """``(exchange_timestamp, is_order, fields)`` of a capture's orders and trades in exchange-time order, the orders of
-    a millisecond before its trades; ``fields`` are the arguments of ``add_order``/``add_trade`` before the stamp."""
-    order_rows = zip(orders["exchange_timestamp"].tolist(), orders["id"].tolist(), orders["action"].tolist(),
-                     orders["direction"].tolist(), orders["price"].tolist(), orders["volume"].tolist())  # fmt: skip
-    trade_rows = zip(trades["exchange_timestamp"].tolist(), trades["side"].tolist(), trades["amount"].tolist())
+    """``(exchange_timestamp, is_order, fields)`` of a capture's orders and trades in exchange-time order, the orders
+    of a millisecond before its trades; ``fields`` are the arguments of ``add_order``/``add_trade`` before the stamp."""
+    columns = (trades[column].tolist() for column in ("exchange_timestamp", "side", "amount"))
+    trade_rows = ((stamp, False, (side, amount)) for stamp, side, amount in zip(*columns))
     next_trade = next(trade_rows, None)
-    for stamp, *fields in order_rows:
-        while next_trade is not None and next_trade[0] < stamp:
-            yield next_trade[0], False, tuple(next_trade[1:])
+    for event in order_events(orders):
+        while next_trade is not None and next_trade[0] < event[-1]:
+            yield next_trade
             next_trade = next(trade_rows, None)
-        yield stamp, True, tuple(fields)
-    while next_trade is not None:
-        yield next_trade[0], False, tuple(next_trade[1:])
-        next_trade = next(trade_rows, None)
+        yield event[-1], True, event[:-1]
+    if next_trade is not None:
+        yield next_trade
+        yield from trade_rows
 
 
 class StreamingOrderBookAnalyzer:
     """Consumes order and trade events in exchange-time order and forecasts the next mid move on every tick.
 
-    Args:
-        model: a `KVTradeForCausalLM` trained on :class:`OrderBookTokenizer` tokens (``load_orderbook_model``).
-        tokenizer: its tokenizer.
-        cache_policy: a policy of :func:`hf_kvtrade.cache.build_cache`; ``int8`` by default.
-        clock_ms: the tick length (the model was trained on 100 ms ticks).
+    ``model`` and ``tokenizer`` as ``load_orderbook_model`` returns them; ``cache_policy`` is one of
+    :func:`hf_kvtrade.cache.build_cache`; ``clock_ms`` the tick length (the model was trained on 100 ms ticks).
     """
 
     def __init__(self, model, tokenizer: OrderBookTokenizer, cache_policy: str = "int8", clock_ms: int = CLOCK_MS):
@@ -106,7 +98,6 @@ class StreamingOrderBookAnalyzer:
         self._previous_mid = float("nan")
         self.rebases = 0
 
-    # ------------------------------------------------------------------------------------------------- events
     def add_order(self, order: int, action: str, direction: str, price: float, volume: float, stamp: int) -> list[TickForecast]:
         return self._forecast(self.clock.add_order(order, action, direction, price, volume, stamp))
 
@@ -130,7 +121,6 @@ class StreamingOrderBookAnalyzer:
             yield from self.add_order(*fields, stamp) if is_order else self.add_trade(*fields, stamp)
         yield self.finish()
 
-    # -------------------------------------------------------------------------------------------------- model
     def cache_bytes(self) -> int:
         return 0 if self._cache is None else self._cache.nbytes()
 
@@ -144,10 +134,12 @@ class StreamingOrderBookAnalyzer:
             started = time.perf_counter()
             ids = self.tokenizer.encode_ticks([row["mid"]], [row["imbalance_1"]], [row["ofi"]], self._previous_mid)
             self._previous_mid = row["mid"]
-            logits = self._append(ids.tolist())
-            forecasts.append(TickForecast(tick_ms=tick_ms, mid=row["mid"], imbalance=row["imbalance_1"], trade_flow=row["trade_flow"],
-                                          events=row["events"], probs=self.tokenizer.move_distribution(logits),
-                                          move_prices=self.move_prices, latency_s=time.perf_counter() - started))  # fmt: skip
+            probs = self.tokenizer.move_distribution(self._append(ids.tolist()))
+            forecasts.append(TickForecast(
+                tick_ms=tick_ms, mid=row["mid"], imbalance=row["imbalance_1"], trade_flow=row["trade_flow"],
+                events=row["events"], probs=probs, move_prices=self.move_prices,
+                latency_s=time.perf_counter() - started,
+            ))
         return forecasts
 
     def _append(self, ids: list[int]) -> np.ndarray:
@@ -166,13 +158,9 @@ class StreamingOrderBookAnalyzer:
             self._anchor, self._cache, ids = anchor, build_cache(self.model.config, self.cache_policy), self._tokens
         first = len(self._tokens) - len(ids)
         with torch.inference_mode():
-            output = self.model(
-                input_ids=torch.tensor([ids]),
-                position_ids=torch.arange(first, len(self._tokens))[None],
-                past_key_values=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            positions = torch.arange(first, len(self._tokens))[None]
+            output = self.model(input_ids=torch.tensor([ids]), position_ids=positions, past_key_values=self._cache,
+                                use_cache=True, logits_to_keep=1)
         return output.logits[0, -1].float().numpy()
 
 

@@ -10,19 +10,13 @@ from dataclasses import dataclass, field
 class OrderBook:
     """Bid and ask levels (price -> total volume) and the live orders (id -> (side, price, volume)).
 
-    Level totals are sums of the live orders' volumes, kept exactly in step with them: a level is removed when
-    its last order goes, so no residue of float subtraction leaves an empty level behind. Prices are kept sorted
-    (bids ascending too; the best bid is the last), so the top levels are a slice, not a sort per query.
-
-    ``crossed_events`` counts the events after which the best bid is at or above the best ask and
-    ``crossed_episodes`` the runs of such events; both count only after :meth:`end_snapshot`, since a REST
-    snapshot is one instant and never crossed.
-
-    Stale snapshot orders: the exchange matches an order on arrival, so a crossing that outlives the exchange
-    millisecond it began in cannot be real when one side of it is an order from the REST snapshot. That order was
-    filled or cancelled in the gap between the snapshot and the start of the stream, and its delete never reached
-    the feed. Such orders are removed at that moment and listed in ``stale_snapshot_orders`` (they are not hidden:
-    a capture's report gives their count). Crossings between live orders are the feed's own and are only counted.
+    A level's total is recomputed from its live orders and goes with its last order, so no float residue leaves an
+    empty level behind; prices are kept sorted (the best bid last). From :meth:`end_snapshot` on, ``crossed_events``
+    counts the events after which the best bid is at or above the best ask, ``crossed_episodes`` their runs and
+    ``one_ms_episodes`` the runs that end within the exchange millisecond they began in (a marketable order shown
+    resting before its fills). A crossing that outlives its millisecond against an order of the REST snapshot means
+    that order was gone before the stream began (the exchange matches on arrival): it is removed and listed in
+    ``stale_snapshot_orders``. Crossings between live orders are the feed's own and are only counted.
     """
 
     bids: dict[float, float] = field(default_factory=dict)
@@ -30,52 +24,48 @@ class OrderBook:
     orders: dict[int, tuple[str, float, float]] = field(default_factory=dict)
     crossed_events: int = 0
     crossed_episodes: int = 0
+    one_ms_episodes: int = 0
+    stale_snapshot_orders: list[int] = field(default_factory=list)
     _level_orders: dict[tuple[str, float], set[int]] = field(default_factory=dict)
     _prices: dict[str, list[float]] = field(default_factory=lambda: {"bid": [], "ask": []})
-    stale_snapshot_orders: list[int] = field(default_factory=list)
     _live: bool = False
     _was_crossed: bool = False
     _snapshot_ids: set[int] = field(default_factory=set)
     _crossed_since: int | None = None
+    _episode_start: int | None = None
 
     def _levels(self, side: str) -> dict[float, float]:
         return self.bids if side == "bid" else self.asks
 
     def _add(self, order: int, side: str, price: float, volume: float) -> None:
-        key = (side, price)
-        members = self._level_orders.get(key)
-        if members is None:
-            self._level_orders[key] = {order}
+        members = self._level_orders.get((side, price))
+        if members is None:  # a new level (no empty set allocated for the common case of an existing one)
+            members = self._level_orders[(side, price)] = set()
             bisect.insort(self._prices[side], price)
-        else:
-            members.add(order)
+        members.add(order)
         self.orders[order] = (side, price, volume)
         self._refresh(side, price)
 
-    def _remove(self, order: int) -> tuple[str, float, float]:
-        side, price, volume = self.orders.pop(order)
-        key = (side, price)
-        members = self._level_orders[key]
+    def _remove(self, order: int) -> None:
+        side, price, _ = self.orders.pop(order)
+        members = self._level_orders[(side, price)]
         members.discard(order)
         if not members:
-            del self._level_orders[key]
+            del self._level_orders[(side, price)]
             prices = self._prices[side]
             del prices[bisect.bisect_left(prices, price)]
         self._refresh(side, price)
-        return side, price, volume
 
     def _refresh(self, side: str, price: float) -> None:
         members = self._level_orders.get((side, price))
-        levels = self._levels(side)
         if members:
-            levels[price] = sum(self.orders[order][2] for order in members)
+            self._levels(side)[price] = sum(self.orders[order][2] for order in members)
         else:
-            levels.pop(price, None)
+            self._levels(side).pop(price, None)
 
     def apply(self, order: int, action: str, direction: str, price: float, volume: float, stamp: int | None = None) -> None:
         """One event at exchange time ``stamp`` (ms). An unknown id of a delete is ignored (the reader lists those
-        lines); any other inconsistency raises, since the readers already refused such rows. Without ``stamp`` no
-        snapshot order is ever judged stale."""
+        lines); any other inconsistency raises. Without ``stamp`` no snapshot order is ever judged stale."""
         if action == "created":
             if order in self.orders:
                 raise ValueError(f"created id {order}, which is already live")
@@ -92,8 +82,13 @@ class OrderBook:
             self._drop_stale_snapshot_orders(stamp)
             crossed = self.crossed
             self.crossed_events += crossed
-            self.crossed_episodes += crossed and not self._was_crossed
-            self._was_crossed = crossed
+            if crossed != self._was_crossed:  # an episode starts or ends
+                self._was_crossed = crossed
+                if crossed:
+                    self.crossed_episodes += 1
+                    self._episode_start = stamp
+                else:
+                    self.one_ms_episodes += stamp == self._episode_start
 
     def end_snapshot(self) -> None:
         """Marks the end of the snapshot rows: crossed moments count from here on."""
@@ -137,8 +132,4 @@ class OrderBook:
         """The best ``levels`` (price, volume) pairs of ``side``, best first."""
         prices = self._prices[side]
         chosen = prices[: -levels - 1 : -1] if side == "bid" else prices[:levels]
-        book = self._levels(side)
-        return [(price, book[price]) for price in chosen]
-
-    def total_volume(self, side: str) -> float:
-        return sum(self._levels(side).values())
+        return [(price, self._levels(side)[price]) for price in chosen]

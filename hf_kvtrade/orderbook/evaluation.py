@@ -1,20 +1,11 @@
-"""The order-book model against simple baselines, on the same ticks and the same move bins.
+"""The order-book model against simple baselines, on the same ticks and the same move bins (docs/orderbook.md).
 
-Every forecaster gives, after tick ``t - 1``, a distribution over the move bins of tick ``t`` (the mid's move in
-mid steps, clipped as the tokenizer clips it). Scored ticks are those with a known move. Metrics:
-
-- ``nll``: mean negative log-likelihood (nats) of the observed move bin over all scored ticks;
-- ``nll_moves``: the same over the ticks where the mid moved;
-- ``direction_accuracy``: on the ticks where the mid moved, how often ``sign(P(up) - P(down))`` is the move's sign
-  (a tie counts as wrong).
-
-Baselines, fitted on the training period only and conditioned on the features of tick ``t - 1``:
-
-- ``no change``: the training period's frequencies of the move bins (their mode is no change); it ignores the book;
-- ``depth imbalance (logistic)``: multinomial logistic regression of the move bin on the depth imbalance over the
-  top 1, 5 and 20 levels;
-- ``OFI (linear logit)``: multinomial logistic regression of the move bin on the tick's order-flow imbalance, a
-  logit linear in OFI (the linear OFI model of Cont, Kukanov & Stoikov, turned into a distribution over the bins).
+Every forecaster gives, after tick ``t - 1``, a distribution over the move bins of tick ``t``; scored ticks are those
+with a known move. ``nll`` is the mean negative log-likelihood (nats) of the observed bin, ``nll_moves`` the same
+over the ticks where the mid moved, ``direction_accuracy`` how often ``sign(P(up) - P(down))`` is the sign of a move
+(a tie counts as wrong). The baselines are fitted on the training period only: ``no change`` (the training
+period's bin frequencies), and multinomial logistic regressions of the bin on the depth imbalance over the top 1,
+5 and 20 levels and on the tick's OFI (a logit linear in OFI, after Cont, Kukanov & Stoikov).
 """
 
 from __future__ import annotations
@@ -53,32 +44,22 @@ def model_move_probs(model, tokenizer: OrderBookTokenizer, ids: np.ndarray, firs
     return np.concatenate(rows) if rows else np.empty((0, tokenizer.num_move_bins))
 
 
-def _logistic(features: np.ndarray, bins: np.ndarray, num_bins: int):
-    from sklearn.linear_model import LogisticRegression
-
-    fitted = LogisticRegression(max_iter=2000).fit(features, bins)
-    missing = sorted(set(range(num_bins)) - set(fitted.classes_.tolist()))
-    if missing:
-        raise ValueError(f"move bins {missing} never occur in the training period: a baseline cannot give them mass")
-
-    def predict(rows: np.ndarray) -> np.ndarray:
-        return fitted.predict_proba(rows)
-
-    return predict
-
-
 def baseline_move_probs(frame: pd.DataFrame, tokenizer: OrderBookTokenizer, ticks: np.ndarray, train_end: int) -> dict[str, np.ndarray]:
     """Each baseline's move distribution for ``ticks``, fitted on the scored ticks before ``train_end``."""
+    from sklearn.linear_model import LogisticRegression
+
     all_ticks, all_bins = move_targets(frame, tokenizer)
     train = all_ticks < train_end
     train_ticks, train_bins = all_ticks[train], all_bins[train]
+    if missing := sorted(set(range(tokenizer.num_move_bins)) - set(train_bins.tolist())):
+        raise ValueError(f"move bins {missing} never occur in the training period: a baseline cannot give them mass")
     frequencies = np.bincount(train_bins, minlength=tokenizer.num_move_bins) / len(train_bins)
     inputs = {"depth imbalance (logistic)": list(IMBALANCE_COLUMNS), "OFI (linear logit)": ["ofi"]}
     probs = {"no change": np.tile(frequencies, (len(ticks), 1))}
     for name, columns in inputs.items():
         values = frame[columns].to_numpy()
-        predict = _logistic(values[train_ticks - 1], train_bins, tokenizer.num_move_bins)
-        probs[name] = predict(values[ticks - 1])
+        fitted = LogisticRegression(max_iter=2000).fit(values[train_ticks - 1], train_bins)
+        probs[name] = fitted.predict_proba(values[ticks - 1])
     return probs
 
 

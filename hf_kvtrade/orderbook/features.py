@@ -1,9 +1,4 @@
-"""Microstructure features of a replayed book on a fixed clock.
-
-The clock is 100 ms. On the Bitstamp BTC/USD capture the live feed carries a median of 162 events a second
-(peaks of 1,012), so a 1 s tick would fold about 160 book changes, and the order-flow imbalance of all of them,
-into one row; at 100 ms the median tick still holds 15 events and only 3.6% of ticks hold none, so the finer
-clock loses little to empty ticks and keeps the sub-second moves that OFI is about.
+"""Microstructure features of a replayed book on a fixed 100 ms clock (why 100 ms: docs/orderbook.md).
 
 Tick ``t`` (ms, a multiple of the clock) covers events with ``t - clock < exchange_timestamp <= t``; its book
 features are the book after the last of them, so a tick depends only on events up to its own time.
@@ -17,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .book import OrderBook
+from .events import order_events
 
 CLOCK_MS = 100
 IMBALANCE_LEVELS = (1, 5, 20)
@@ -29,10 +25,11 @@ def snapshot_rows(orders: pd.DataFrame) -> int:
     return len(same) if same.all() else int(np.argmin(same))
 
 
-def _touch(book: OrderBook, side: str) -> tuple[float, float]:
-    """Best price and its volume; an empty side is (nan, 0), which makes its OFI terms vanish."""
-    price = book.best_bid if side == "bid" else book.best_ask
-    return (math.nan, 0.0) if price is None else (price, (book.bids if side == "bid" else book.asks)[price])
+def _touch(book: OrderBook) -> tuple[float, float, float, float]:
+    """``(bid, bid size, ask, ask size)``; an empty side is (nan, 0), which makes its OFI terms vanish."""
+    bid, ask = book.best_bid, book.best_ask
+    return (math.nan if bid is None else bid, book.bids.get(bid, 0.0), math.nan if ask is None else ask,
+            book.asks.get(ask, 0.0))
 
 
 def ofi_term(before: tuple[float, float, float, float], after: tuple[float, float, float, float]) -> float:
@@ -51,8 +48,7 @@ def _imbalance(book: OrderBook, levels: int) -> float:
 
 
 def _row(book: OrderBook) -> dict[str, float]:
-    bid, bid_size = _touch(book, "bid")
-    ask, ask_size = _touch(book, "ask")
+    bid, bid_size, ask, ask_size = _touch(book)
     size = bid_size + ask_size
     return {"mid": (bid + ask) / 2, "spread": ask - bid,
             "microprice": (bid * ask_size + ask * bid_size) / size if size > 0 else math.nan,
@@ -62,9 +58,8 @@ def _row(book: OrderBook) -> dict[str, float]:
 class TickClock:
     """The book and the running tick of an event stream: what :func:`features` computes, one event at a time.
 
-    ``add_order`` and ``add_trade`` take events in exchange-time order and return the ticks that the event closed,
-    as ``(tick_ms, row)`` pairs (several when the stream skipped empty ticks). The leading snapshot is recognised as
-    :func:`snapshot_rows` does: the ``created`` rows sharing the first exchange timestamp.
+    ``add_order`` and ``add_trade`` take events in exchange-time order and return the ``(tick_ms, row)`` pairs of
+    the ticks the event closed (several when the stream skipped empty ticks).
     """
 
     def __init__(self, clock_ms: int = CLOCK_MS):
@@ -101,10 +96,10 @@ class TickClock:
         if not self._snapshot_over and not (stamp == self._first_stamp and action == "created"):
             self._snapshot_over = True
             self.book.end_snapshot()
-        before = (*_touch(self.book, "bid"), *_touch(self.book, "ask"))
+        before = _touch(self.book)
         self.book.apply(order, action, direction, price, volume, stamp)
         if self._snapshot_over:
-            self._ofi += ofi_term(before, (*_touch(self.book, "bid"), *_touch(self.book, "ask")))
+            self._ofi += ofi_term(before, _touch(self.book))
         self._events += 1
         return closed
 
@@ -122,17 +117,14 @@ def features(orders: pd.DataFrame, trades: pd.DataFrame, clock_ms: int = CLOCK_M
     and ``events``. Indexed by tick time (UTC)."""
     clock = TickClock(clock_ms)
     rows = []
-    columns = zip(orders["id"].tolist(), orders["action"].tolist(), orders["direction"].tolist(),
-                  orders["price"].tolist(), orders["volume"].tolist(), orders["exchange_timestamp"].tolist())  # fmt: skip
-    for order, action, direction, price, volume, stamp in columns:
-        rows += clock.add_order(order, action, direction, price, volume, stamp)
+    for event in order_events(orders):
+        rows += clock.add_order(*event)
     rows.append(clock.close_tick())
-    ticks = np.array([tick for tick, _ in rows])
-    frame = pd.DataFrame([row for _, row in rows], index=pd.to_datetime(ticks, unit="ms", utc=True).rename("tick"))
+    ticks, values = zip(*rows)
+    frame = pd.DataFrame(list(values), index=pd.to_datetime(list(ticks), unit="ms", utc=True).rename("tick"))
     # Trades outside the orders' ticks fall away, so the rows are the orders' ticks whatever the trades hold.
     signed = np.where(trades["side"].to_numpy() == "buy", 1.0, -1.0) * trades["amount"].to_numpy()
     trade_ticks = -(-trades["exchange_timestamp"].to_numpy() // clock_ms) * clock_ms
-    flow = pd.Series(signed).groupby(trade_ticks).sum()
-    flow.index = pd.to_datetime(flow.index, unit="ms", utc=True)
+    flow = pd.Series(signed).groupby(pd.to_datetime(trade_ticks, unit="ms", utc=True)).sum()
     frame["trade_flow"] = flow.reindex(frame.index, fill_value=0.0)
     return frame

@@ -19,10 +19,7 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     imbalance, the model's lean given a move ``(P(up) - P(down)) / P(move)`` and, on the right axis, ``P(move)``.
     Bottom: signed traded volume per tick.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry to manage
 
     if len(forecasts) < 2:
         raise ValueError(f"need at least two forecasts to plot, got {len(forecasts)}")
@@ -31,10 +28,11 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     bands = np.array([f.mid_quantiles(band) for f in forecasts])
     up, down = np.array([f.prob_up for f in forecasts]), np.array([f.prob_down for f in forecasts])
     stamps = pd.to_datetime(trades["exchange_timestamp"], unit="ms", utc=True)
-    shown = trades[(stamps >= times[0]) & (stamps <= times[-1])]
-    shown_times = pd.to_datetime(shown["exchange_timestamp"], unit="ms", utc=True)
+    shown_times = stamps[(stamps >= times[0]) & (stamps <= times[-1])]
+    shown = trades.loc[shown_times.index]
 
-    figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(12, 8), sharex=True, height_ratios=(3, 1.4, 1))
+    figure = Figure(figsize=(12, 8))
+    top, middle, bottom = figure.subplots(3, 1, sharex=True, height_ratios=(3, 1.4, 1))
     top.fill_between(times[1:], bands[:-1, 0], bands[:-1, 1], step="post", color="tab:blue", alpha=0.25,
                      label=f"forecast {band[0]:.0%}-{band[1]:.0%} of the tick's mid, made one tick before")  # fmt: skip
     top.step(times, mid, where="post", color="black", lw=1, label="mid")
@@ -63,7 +61,6 @@ def plot_orderbook_forecasts(forecasts: list[TickForecast], trades: pd.DataFrame
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 

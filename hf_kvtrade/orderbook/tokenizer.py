@@ -1,15 +1,10 @@
 """Stateless, prefix-stable tokens of order-book ticks: three per tick, in one vocabulary.
 
-Tick ``t`` becomes ``[move_t, imbalance_t, ofi_t]``: the mid's move since the tick before (in steps of the mid's
-grid, clipped to ``+-max_move``), the top-of-book depth imbalance and the tick's order-flow imbalance, each binned
-on FIXED edges stored with the checkpoint. A tick's tokens depend on that tick and the mid of the tick before only,
-so appending ticks never changes earlier tokens: a KV cache stays exact from tick to tick and vLLM's prefix cache
-hits. The forecast made after tick ``t``'s covariate tokens is the model's distribution over the move bins, i.e.
-over the next token ``move_{t+1}``.
-
-The mid moves on a 0.5 USD grid on Bitstamp BTC/USD (every order price in the capture is a whole dollar), so a
-move token counts half-dollar steps. A feature that is NaN (an empty book side, the first tick's move) is the
-missing token.
+Tick ``t`` becomes ``[move_t, imbalance_t, ofi_t]``: the mid's move since the tick before in mid steps (0.5 USD on
+Bitstamp BTC/USD, clipped to ``+-max_move``), the top-of-book depth imbalance and the tick's order-flow imbalance,
+each binned on FIXED edges stored with the checkpoint; NaN is the missing token. A tick's tokens depend on that
+tick and the mid before it only, so appending ticks never changes earlier tokens: a KV cache stays exact from tick
+to tick and vLLM's prefix cache hits. The forecast after tick ``t`` is the distribution of the token ``move_{t+1}``.
 """
 
 from __future__ import annotations
@@ -17,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import softmax
 
 TOKENIZER_FILE = "orderbook_tokenizer.json"
 FEATURE_COLUMNS = ("mid", "imbalance_1", "ofi")
@@ -58,7 +55,6 @@ class OrderBookTokenizer:
             raise ValueError(f"ofi_edges must be finite and strictly increasing, got {self.ofi_edges}")
         object.__setattr__(self, "ofi_edges", tuple(float(edge) for edge in edges))
 
-    # ---------------------------------------------------------------------------------------------- vocabulary
     @property
     def num_move_bins(self) -> int:
         return 2 * self.max_move + 1
@@ -94,17 +90,10 @@ class OrderBookTokenizer:
         """The move of each move bin in mid steps; the end bins hold every larger move."""
         return np.arange(-self.max_move, self.max_move + 1)
 
-    # ------------------------------------------------------------------------------------------------ encoding
     def move_bins(self, moves: np.ndarray) -> np.ndarray:
         """Bin index (0-based) of each finite mid move given in price units."""
         steps = np.rint(np.asarray(moves, dtype=np.float64) / self.mid_step)
         return (np.clip(steps, -self.max_move, self.max_move) + self.max_move).astype(np.int64)
-
-    def _binned(self, values: np.ndarray, bins: np.ndarray, first_id: int) -> np.ndarray:
-        ids = np.full(values.shape, self.missing_token_id, dtype=np.int64)
-        finite = np.isfinite(values)
-        ids[finite] = bins[finite] + first_id
-        return ids
 
     def encode_ticks(self, mid, imbalance, ofi, previous_mid: float = np.nan) -> np.ndarray:
         """``3 * len(mid)`` ids of consecutive ticks; ``previous_mid`` is the mid of the tick before the first."""
@@ -117,15 +106,13 @@ class OrderBookTokenizer:
         moves = np.diff(mid, prepend=previous_mid)
         safe = np.nan_to_num
         imbalance_bins = np.minimum(((safe(imbalance) + 1) / 2 * self.imbalance_bins).astype(np.int64), self.imbalance_bins - 1)
-        ids = np.stack(
-            [
-                self._binned(moves, self.move_bins(safe(moves)), self.first_move_id),
-                self._binned(imbalance, imbalance_bins, self.first_imbalance_id),
-                self._binned(ofi, np.searchsorted(self.ofi_edges, safe(ofi), side="right"), self.first_ofi_id),
-            ],
-            axis=1,
-        )
-        return ids.reshape(-1)
+        binned = [
+            (moves, self.move_bins(safe(moves)) + self.first_move_id),
+            (imbalance, imbalance_bins + self.first_imbalance_id),
+            (ofi, np.searchsorted(self.ofi_edges, safe(ofi), side="right") + self.first_ofi_id),
+        ]
+        ids = [np.where(np.isfinite(values), bins, self.missing_token_id) for values, bins in binned]
+        return np.stack(ids, axis=1).reshape(-1)
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """The ids of a feature frame (``hf_kvtrade.orderbook.features``), three per row; the first move is missing."""
@@ -137,32 +124,23 @@ class OrderBookTokenizer:
     def move_distribution(self, logits) -> np.ndarray:
         """Probabilities over the move bins from logits over the vocabulary (the softmax of the move logits alone,
         which is the model's distribution renormalised over the move bins)."""
-        move_logits = np.asarray(logits, dtype=np.float64)[..., self.move_ids]
-        shifted = np.exp(move_logits - move_logits.max(-1, keepdims=True))
-        return shifted / shifted.sum(-1, keepdims=True)
-
-    # --------------------------------------------------------------------------------------------- persistence
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ofi_edges": list(self.ofi_edges)}
+        return softmax(np.asarray(logits, dtype=np.float64)[..., self.move_ids], axis=-1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, TOKENIZER_FILE)
-        with open(path, "w") as f:
-            json.dump({"tokenizer_class": type(self).__name__, **self.to_dict()}, f, indent=2)
-        return path
+        path = Path(directory, TOKENIZER_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"tokenizer_class": type(self).__name__, **asdict(self)}, indent=2))
+        return str(path)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> OrderBookTokenizer:
-        path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.isfile(path):
+        path = Path(directory, TOKENIZER_FILE)
+        if not path.is_file():
             raise FileNotFoundError(f"{os.fspath(directory)!r} has no {TOKENIZER_FILE}: not an order-book checkpoint")
-        with open(path) as f:
-            settings = json.load(f)
-        name = settings.pop("tokenizer_class", None)
-        if name != cls.__name__:
+        settings = json.loads(path.read_text())
+        if (name := settings.pop("tokenizer_class", None)) != cls.__name__:
             raise ValueError(f"{path} describes a {name}, not an {cls.__name__}")
-        return cls(**{**settings, "ofi_edges": tuple(settings["ofi_edges"])})
+        return cls(**settings)  # __post_init__ makes the edges a tuple
 
 
 __all__ = ["FEATURE_COLUMNS", "TOKENIZER_FILE", "OrderBookTokenizer"]

@@ -1,10 +1,8 @@
 """Training the order-book model: a small `KVTradeForCausalLM` over tick tokens, with the project's Trainer set-up.
 
-The capture is split by time: the first 20 minutes train, the next 5 validate (and pick the best weights), the
-last 5 test. Only move tokens are scored: the covariates are given, not forecast. Training windows start on every
-``window_every``-th tick boundary of the training period and hold ``window`` tokens (every context length the
-policy serves is inside one). Validation scores each move from exactly the context the policy gives it in
-serving (:func:`scoring_windows`), so the validation loss is the analyzer's own next-move loss.
+The capture is split by time (20 minutes train, 5 validate and pick the best weights, 5 test). Only move tokens
+are scored: the covariates are given, not forecast. Validation scores each move from exactly the context the
+policy gives it in serving (:func:`scoring_windows`), so the validation loss is the analyzer's own next-move loss.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..context import ContextPolicy
-from ..data.windows import IGNORE_INDEX
+from ..data.windows import IGNORE_INDEX, policy_windows
 from .tokenizer import OrderBookTokenizer
 
 PERIOD_MINUTES = (20, 5, 5)
@@ -58,38 +56,23 @@ def split_by_time(frame: pd.DataFrame, minutes=PERIOD_MINUTES) -> tuple[int, int
 
 
 def move_labels(ids: np.ndarray, tokenizer: OrderBookTokenizer) -> np.ndarray:
-    """``ids`` with everything but known move tokens set to -100 (the covariates are inputs, not targets)."""
-    positions = np.arange(len(ids))
-    scored = (positions % tokenizer.tokens_per_tick == 0) & (ids != tokenizer.missing_token_id)
-    return np.where(scored, ids, IGNORE_INDEX)
+    """``ids`` with everything but known move tokens set to -100 (the covariates are inputs, not targets); the
+    move bins have ids of their own, so no position arithmetic is needed."""
+    return np.where((ids >= tokenizer.first_move_id) & (ids < tokenizer.first_imbalance_id), ids, IGNORE_INDEX)
 
 
 def scoring_windows(ids: np.ndarray, tokenizer: OrderBookTokenizer, policy: ContextPolicy, first_tick: int, end_tick: int):
     """``(input_ids, labels)`` that score the moves of ticks ``first_tick .. end_tick - 1``, each from the context the
     policy gives the history before it (right-padded windows of ``policy.window`` tokens)."""
     step = tokenizer.tokens_per_tick
-    labels = move_labels(ids, tokenizer)
-    windows = policy.scoring_windows(end_tick * step, first_target=first_tick * step)
-    input_ids = np.full((len(windows), policy.window), tokenizer.pad_token_id, dtype=np.int64)
-    window_labels = np.full((len(windows), policy.window), IGNORE_INDEX, dtype=np.int64)
-    for row, (start, end, first_scored) in enumerate(windows):
-        input_ids[row, : end - start] = ids[start:end]
-        window_labels[row, first_scored - start : end - start] = labels[first_scored:end]
-    return input_ids, window_labels
+    input_ids, labels, _ = policy_windows(ids[: end_tick * step], policy, tokenizer.pad_token_id, first_tick * step)
+    return input_ids, move_labels(labels, tokenizer)
 
 
 def training_windows(ids: np.ndarray, tokenizer: OrderBookTokenizer, window: int, every_ticks: int):
     """Full windows of ``window`` tokens starting at every ``every_ticks``-th tick of ``ids``, moves scored."""
-    step = tokenizer.tokens_per_tick
-    labels = move_labels(ids, tokenizer)
-    starts = range(0, len(ids) - window + 1, every_ticks * step)
-    return np.stack([ids[s : s + window] for s in starts]), np.stack([labels[s : s + window] for s in starts])
-
-
-def build_config(tokenizer: OrderBookTokenizer):
-    from ..presets import load_preset
-
-    return load_preset("tiny", num_bins=tokenizer.num_bins, **MODEL_SHAPE)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, window)[:: every_ticks * tokenizer.tokens_per_tick]
+    return windows.copy(), move_labels(windows, tokenizer)
 
 
 def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, tokenizer: OrderBookTokenizer | None = None,
@@ -102,36 +85,35 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
 
     from .. import register_auto_classes
     from ..modeling_kvtrade import KVTradeForCausalLM
+    from ..presets import load_preset
     from ..training import validated_trainer
 
-    # The saved folder then carries the model code and auto_map, as the shipped price model does.
-    register_auto_classes()
+    register_auto_classes()  # the saved folder then carries the model code and auto_map, as the price model does
     set_seed(seed)
     tokenizer = tokenizer or OrderBookTokenizer()
     policy = ContextPolicy(WINDOW_TOKENS, STRIDE_TOKENS)
     validation_start, test_start = split_by_time(frame)
     ids = tokenizer.encode(frame)
-    train_ids, train_labels = training_windows(ids[: validation_start * tokenizer.tokens_per_tick], tokenizer, policy.window, window_every)
-    validation_ids, validation_labels = scoring_windows(ids, tokenizer, policy, validation_start, test_start)
 
-    def dataset(input_ids, labels):
-        return Dataset.from_dict({"input_ids": input_ids, "labels": labels}).with_format("torch")
+    def dataset(windows: tuple[np.ndarray, np.ndarray]):
+        return Dataset.from_dict(dict(zip(("input_ids", "labels"), windows))).with_format("torch")
 
-    model = KVTradeForCausalLM(build_config(tokenizer))
+    train_ids = ids[: validation_start * tokenizer.tokens_per_tick]
+    train_dataset = dataset(training_windows(train_ids, tokenizer, policy.window, window_every))
+    validation_dataset = dataset(scoring_windows(ids, tokenizer, policy, validation_start, test_start))
+    # The context policy travels with the weights: every path that reads the checkpoint conditions on it.
+    config = load_preset("tiny", num_bins=tokenizer.num_bins, training_context_length=policy.window,
+                         context_stride=policy.stride, **MODEL_SHAPE)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvtrade-orderbook-") as scratch:
         trainer = validated_trainer(
-            model, scratch, dataset(train_ids, train_labels), dataset(validation_ids, validation_labels),
-            max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-            use_cpu=not torch.cuda.is_available(), warmup=0.05, weight_decay=0.1, eval_steps=eval_steps,
-            logging_steps=eval_steps,
-        )  # fmt: skip
+            KVTradeForCausalLM(config), scratch, train_dataset, validation_dataset, max_steps=max_steps,
+            learning_rate=learning_rate, batch_size=batch_size, seed=seed, use_cpu=not torch.cuda.is_available(),
+            warmup=0.05, weight_decay=0.1, eval_steps=eval_steps, logging_steps=eval_steps,
+        )
         initial_loss = trainer.evaluate()["eval_loss"]
         trainer.train()
-        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
     model = trainer.model
-    model.config.training_context_length = policy.window
-    model.config.context_stride = policy.stride
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     model.save_pretrained(output_dir)
@@ -140,10 +122,10 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
         output_dir=str(output_dir),
         initial_validation_loss=float(initial_loss),
         validation_loss=float(trainer.state.best_metric),
-        best_step=best_step,
+        best_step=int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1]),
         train_seconds=time.perf_counter() - started,
         num_parameters=model.num_parameters(),
-        num_train_windows=len(train_ids),
+        num_train_windows=train_dataset.num_rows,
     )
 
 
@@ -192,14 +174,5 @@ def load_orderbook_model(path: str | os.PathLike):
     return model, tokenizer
 
 
-__all__ = [
-    "SHIPPED_ORDERBOOK_CHECKPOINT",
-    "OrderBookTrainingRun",
-    "load_orderbook_model",
-    "move_labels",
-    "scoring_windows",
-    "split_by_time",
-    "train_orderbook_model",
-    "training_windows",
-    "write_model_card",
-]  # fmt: skip
+__all__ = ["SHIPPED_ORDERBOOK_CHECKPOINT", "OrderBookTrainingRun", "load_orderbook_model", "move_labels",
+           "scoring_windows", "split_by_time", "train_orderbook_model", "training_windows", "write_model_card"]
