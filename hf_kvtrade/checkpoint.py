@@ -1,8 +1,7 @@
 """Checkpoint loading, the one way: a folder that holds a KVTrade model, or a clear error naming the path.
 
-Nothing falls back to random weights. The shipped model is package data (``hf_kvtrade.checkpoints``, the
-repository's top-level ``checkpoints/``), found through ``importlib.resources``, so it loads the same from a
-clone, an editable install or a wheel, from any working directory.
+The shipped model is package data (the repository's top-level ``checkpoints/``, installed as
+``hf_kvtrade.checkpoints``), so it loads the same from a clone, an editable install or a wheel.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""KVTrade: Transformers' Mistral (Llama with an optional sliding window) over return-bin tokens.
+"""KVTrade: Transformers' Mistral over return-bin tokens; the next-token distribution is the forecast of the next
+bar's log-return. The weight names are Llama's, so vLLM serves `model.safetensors` with its own Llama."""
 
-The next-token distribution over return bins is the forecast distribution of the next bar's log-return. The
-layers are Mistral's own (GQA, RoPE, eager/sdpa/flash attention through `ALL_ATTENTION_FUNCTIONS`), so the weight
-names are Llama's and vLLM serves the same `model.safetensors` with its own Llama (see `vllm_plugin`).
-"""
-
-from transformers.models.mistral.modeling_mistral import (
-    MistralForCausalLM,
-    MistralModel,
-    MistralPreTrainedModel,
-)
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM, MistralModel, MistralPreTrainedModel
 
 from .configuration_kvtrade import KVTradeConfig
 

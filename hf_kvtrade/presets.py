@@ -18,11 +18,8 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str, attention: str = "gqa", kv_heads: int | None = None, **overrides) -> KVTradeConfig:
-    """Builds the config of preset ``name`` (``tiny``, ``small``, ``base`` or a path to a JSON file).
-
-    ``attention`` picks the flavour: ``mha`` (one KV head per query head), ``gqa`` (the preset's KV heads) or
-    ``mqa`` (one KV head); ``kv_heads`` overrides the count directly.
-    """
+    """The config of preset ``name`` (``tiny``, ``small``, ``base`` or a JSON path) in the ``attention`` flavour:
+    ``mha`` (one KV head per query head), ``gqa`` (the preset's KV heads) or ``mqa`` (one); ``kv_heads`` overrides."""
     path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
     if not path.exists():
         raise ValueError(f"unknown preset {name!r}: choose one of {available_presets()} or a path to a JSON file")
@@ -30,12 +27,10 @@ def load_preset(name: str, attention: str = "gqa", kv_heads: int | None = None, 
         raise ValueError(f"attention must be one of {ATTENTION_FLAVOURS}, got {attention!r}")
     settings = {key: value for key, value in json.loads(path.read_text()).items() if not key.startswith("_")}
     settings.update(overrides)
+    if kv_heads is None and attention != "gqa":
+        kv_heads = settings["num_attention_heads"] if attention == "mha" else 1
     if kv_heads is not None:
         settings["num_key_value_heads"] = kv_heads
-    elif attention == "mha":
-        settings["num_key_value_heads"] = settings["num_attention_heads"]
-    elif attention == "mqa":
-        settings["num_key_value_heads"] = 1
     return KVTradeConfig(**settings)
 
 

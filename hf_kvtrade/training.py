@@ -1,14 +1,9 @@
 """Training a KVTrade model on price series with `transformers.Trainer`, and publishing the result.
 
-Training has two stages. An optional synthetic stage pretrains on return series of known dynamics
-(:mod:`hf_kvtrade.synthetic`: GARCH, GJR, stochastic volatility, regimes, jumps, tick sizes), so the model learns to
-infer the volatility state from its context across every volatility level; the real stage then fine-tunes on the
-training periods of the real series. Both stages are validated on the real validation periods, and the real
-stage keeps its best weights by that loss.
-
-The Trainer (accelerate underneath) does the loop, so the same code runs on one CPU, one GPU or many: launch
-``kvtrade train`` with ``accelerate launch -m hf_kvtrade.cli train ...`` for data-parallel training (see
-docs/data.md). The loss is the model's own next-token cross-entropy over return bins.
+An optional synthetic stage pretrains on return series of known dynamics (:mod:`hf_kvtrade.synthetic`), so the
+model learns to infer the volatility state from its context; the real stage then fine-tunes on the training
+periods. Both are validated on the real validation periods, keeping their best weights. The Trainer (accelerate
+underneath) runs on one CPU, one GPU or many: ``accelerate launch -m hf_kvtrade.cli train`` (see docs/data.md).
 """
 
 from __future__ import annotations
@@ -24,7 +19,8 @@ import pandas as pd
 
 from .configuration_kvtrade import KVTradeConfig
 from .context import ContextPolicy
-from .data.windows import PERIOD_FRACTIONS, policy_windows, split_periods, token_windows, tokenize_period
+from .data import PERIOD_FRACTIONS, PERIODS, split_periods, token_windows, tokenize_period
+from .data.windows import IGNORE_INDEX, policy_windows
 from .tokenization_kvtrade import ReturnTokenizer
 
 
@@ -58,21 +54,21 @@ class TrainingRun:
     log_history: list[dict] = field(default_factory=list, repr=False)
 
 
-def describe_periods(frames: dict[str, pd.DataFrame], fractions=PERIOD_FRACTIONS) -> list[dict]:
+def describe_periods(frames: dict[str, pd.DataFrame]) -> list[dict]:
     """First and last timestamp and bar count of every series' train/validation/test period."""
-    rows = []
-    for name, frame in frames.items():
-        row = {"series": name}
-        for period, part in zip(("train", "validation", "test"), split_periods(frame, fractions)):
-            row[period] = {"start": part.index[0].isoformat(), "end": part.index[-1].isoformat(), "bars": len(part)}
-        rows.append(row)
-    return rows
+    return [
+        {"series": name}
+        | {
+            period: {"start": part.index[0].isoformat(), "end": part.index[-1].isoformat(), "bars": len(part)}
+            for period, part in zip(PERIODS, split_periods(frame))
+        }
+        for name, frame in frames.items()
+    ]
 
 
-def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer, policy: ContextPolicy, **kwargs):
+def trainer_windows(frames: dict[str, pd.DataFrame], tokenizer: ReturnTokenizer, policy: ContextPolicy):
     """``token_windows`` as the Trainer takes them: ``input_ids``/``labels`` tensors, bookkeeping columns dropped."""
-    windows = token_windows(frames, tokenizer, policy, **kwargs)
-    return windows.remove_columns(["series", "start"]).with_format("torch")
+    return token_windows(frames, tokenizer, policy).remove_columns(["series", "start"]).with_format("torch")
 
 
 def synthetic_windows(stage: SyntheticStage, tokenizer: ReturnTokenizer, policy: ContextPolicy):
@@ -84,47 +80,39 @@ def synthetic_windows(stage: SyntheticStage, tokenizer: ReturnTokenizer, policy:
 
     from .synthetic import synthetic_frames
 
-    frames = synthetic_frames(stage.num_series, policy.window, seed=stage.seed)
-    rows = [policy_windows(tokenize_period(frame, tokenizer), policy, tokenizer.pad_token_id)[:2] for frame in frames.values()]
-    return Dataset.from_dict(
-        {"input_ids": np.concatenate([ids for ids, _ in rows]), "labels": np.concatenate([labels for _, labels in rows])}
-    ).with_format("torch")
+    frames = synthetic_frames(stage.num_series, policy.window, seed=stage.seed).values()
+    windows = [policy_windows(tokenize_period(frame, tokenizer), policy, tokenizer.pad_token_id) for frame in frames]
+    input_ids, labels, _ = map(np.concatenate, zip(*windows))
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels}).with_format("torch")
 
 
-def make_trainer(model, output_dir: str, train_dataset, *, max_steps: int, learning_rate: float, batch_size: int,
-                 seed: int, use_cpu: bool, eval_dataset=None, **arguments):  # fmt: skip
-    """The project's one ``Trainer`` set-up: the model's own loss on ``input_ids``/``labels`` batches, clipped
-    gradients, no logging integrations or progress bars; ``arguments`` are the caller's further `TrainingArguments`.
+def make_trainer(
+    model, output_dir: str, train_dataset, *, batch_size: int, use_cpu: bool, eval_dataset=None, **arguments
+):
+    """The project's one ``Trainer`` set-up: the model's own loss on ``input_ids``/``labels`` batches, no logging
+    integrations or progress bars; ``arguments`` are further `TrainingArguments` (``max_steps``, ``seed``...).
 
-    The Trainer switches the model's cache off for training; inference and vLLM want it on, so it is switched back
-    when training ends.
+    The model keeps its cache on (``use_cache``), as inference and vLLM want it; in training it only holds the
+    keys and values autograd keeps anyway.
     """
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
-
-    class RestoreCache(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            model.config.use_cache = True
+    from transformers import Trainer, TrainingArguments
 
     training_arguments = TrainingArguments(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=1.0, seed=seed,
-        use_cpu=use_cpu, report_to="none", disable_tqdm=True, **arguments,
+        output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        use_cpu=use_cpu, use_cache=True, report_to="none", disable_tqdm=True, **arguments,
     )  # fmt: skip
-    return Trainer(model=model, args=training_arguments, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                   data_collator=default_data_collator, callbacks=[RestoreCache()])  # fmt: skip
+    return Trainer(model=model, args=training_arguments, train_dataset=train_dataset, eval_dataset=eval_dataset)
 
 
-def validated_trainer(model, output_dir: str, train_dataset, eval_dataset, *, max_steps: int, learning_rate: float,
-                      batch_size: int, seed: int, use_cpu: bool, warmup: float, weight_decay: float, eval_steps: int,
-                      logging_steps: int):  # fmt: skip
-    """A cosine schedule, validated every ``eval_steps`` steps, ending on the weights of the best validation loss:
-    how every model of the project (price and order-book) is trained."""
+def validated_trainer(
+    model, output_dir: str, train_dataset, eval_dataset, *, seed: int, warmup: float, eval_steps: int, **arguments
+):
+    """A cosine schedule after ``warmup``, validated every ``eval_steps`` steps, ending on the weights of the best
+    validation loss: how every model of the project (price and order-book) is trained."""
     return make_trainer(
-        model, output_dir, train_dataset, eval_dataset=eval_dataset, max_steps=max_steps, learning_rate=learning_rate,
-        batch_size=batch_size, seed=seed, use_cpu=use_cpu, data_seed=seed, lr_scheduler_type="cosine",
-        warmup_steps=warmup, weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps,
-        save_strategy="steps", save_steps=eval_steps, save_total_limit=1, save_only_model=True,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", logging_steps=logging_steps,
+        model, output_dir, train_dataset, eval_dataset=eval_dataset, seed=seed, data_seed=seed,
+        lr_scheduler_type="cosine", warmup_steps=warmup, eval_strategy="steps", eval_steps=eval_steps,
+        save_steps=eval_steps, save_total_limit=1, save_only_model=True, load_best_model_at_end=True, **arguments,
     )  # fmt: skip
 
 
@@ -146,18 +134,15 @@ def train(
     synthetic: SyntheticStage | None = None,
 ) -> TrainingRun:
     """Trains a fresh model of ``config`` (first on ``synthetic`` series, if given, then on ``frames``) and saves it
-    with its tokenizer to ``output_dir``.
+    to ``output_dir``.
 
     Windows follow the context policy of ``window_length`` and ``context_stride`` (default half the window), which
     is saved in the checkpoint's config: the model is trained and validated on the contexts it gets in serving.
-    The validation loss is measured every ``eval_steps`` steps and the best weights of the real stage are the
-    ones kept (``load_best_model_at_end``), so a run longer than the data supports does not ship an overfitted
-    model.
+    Each stage keeps the weights of its best validation loss, so a run longer than the data supports does not ship
+    an overfitted model.
     """
-    import torch
     from transformers import set_seed
 
-    from .forecasting import Forecaster
     from .modeling_kvtrade import KVTradeForCausalLM
 
     if not frames:
@@ -166,57 +151,43 @@ def train(
     tokenizer = ReturnTokenizer.from_config(config)
     policy = ContextPolicy(window=window_length, stride=context_stride or window_length // 2)
     windows = trainer_windows(frames, tokenizer, policy)
+    stages = {"real": (windows["train"], max_steps, learning_rate)}
+    if synthetic is not None and synthetic.max_steps > 0:
+        synthetic_data = synthetic_windows(synthetic, tokenizer, policy)
+        stages = {"synthetic": (synthetic_data, synthetic.max_steps, synthetic.learning_rate)} | stages
     model = KVTradeForCausalLM(config)
-    log_history = []
-    synthetic_validation_loss = None
+    initial_loss, best_losses, log_history = None, {}, []
     started, started_cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="kvtrade-trainer-") as scratch:
-
-        def stage_trainer(stage: str, train_dataset, stage_steps: int, stage_learning_rate: float):
-            return validated_trainer(
-                model, os.path.join(scratch, stage), train_dataset, windows["validation"], max_steps=stage_steps,
+        for stage, (dataset, stage_steps, stage_learning_rate) in stages.items():
+            trainer = validated_trainer(
+                model, os.path.join(scratch, stage), dataset, windows["validation"], max_steps=stage_steps,
                 learning_rate=stage_learning_rate, batch_size=batch_size, seed=seed, use_cpu=use_cpu, warmup=warmup,
                 weight_decay=weight_decay, eval_steps=eval_steps, logging_steps=logging_steps,
             )  # fmt: skip
-
-        if synthetic is not None and synthetic.max_steps > 0:
-            pretrainer = stage_trainer(
-                "synthetic", synthetic_windows(synthetic, tokenizer, policy), synthetic.max_steps, synthetic.learning_rate
-            )
-            initial_loss = pretrainer.evaluate()["eval_loss"]
-            pretrainer.train()
-            model, synthetic_validation_loss = pretrainer.model, float(pretrainer.state.best_metric)
-            log_history = [{**entry, "stage": "synthetic"} for entry in pretrainer.state.log_history]
-        trainer = stage_trainer("real", windows["train"], max_steps, learning_rate)
-        if synthetic_validation_loss is None:
-            initial_loss = trainer.evaluate()["eval_loss"]
-        trainer.train()
-        train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
-        best_checkpoint = trainer.state.best_model_checkpoint
-        log_history += [{**entry, "stage": "real"} for entry in trainer.state.log_history]
-
-    model = trainer.model
+            if initial_loss is None:
+                initial_loss = trainer.evaluate()["eval_loss"]
+            trainer.train()
+            model, best_losses[stage] = trainer.model, float(trainer.state.best_metric)
+            log_history += [{**entry, "stage": stage} for entry in trainer.state.log_history]
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
     # The context policy travels with the weights: every path that reads the checkpoint conditions on it.
     model.config.training_context_length = policy.window
     model.config.context_stride = policy.stride
-    model.generation_config.update(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    Forecaster(model, tokenizer).save_pretrained(output_dir)
-    train_labels = torch.as_tensor(np.asarray(windows["train"]["labels"]))
+    model.save_pretrained(output_dir)
     return TrainingRun(
         output_dir=str(output_dir),
         initial_validation_loss=float(initial_loss),
-        validation_loss=float(trainer.state.best_metric),
-        best_step=int(Path(best_checkpoint).name.split("-")[-1]) if best_checkpoint else None,
+        validation_loss=best_losses["real"],
+        best_step=trainer.state.best_global_step,
         train_seconds=train_seconds,
         train_cpu_seconds=train_cpu_seconds,
         window_length=window_length,
         num_parameters=model.num_parameters(),
         num_train_windows=windows["train"].num_rows,
-        num_train_tokens=int((train_labels >= 0).sum()),
+        num_train_tokens=int((np.asarray(windows["train"]["labels"]) != IGNORE_INDEX).sum()),
         synthetic=synthetic,
-        synthetic_validation_loss=synthetic_validation_loss,
+        synthetic_validation_loss=best_losses.get("synthetic"),
         periods=describe_periods(frames),
         log_history=log_history,
     )
@@ -265,9 +236,8 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
         f"Validation cross-entropy (nats per bar): {run.initial_validation_loss:.4f} at initialisation, "
         f"{run.validation_loss:.4f} after training (best step: {run.best_step}).",
     ]
-    card = ModelCard("\n\n".join(lines) + "\n")
     path = Path(run.output_dir) / "README.md"
-    card.save(path)
+    ModelCard("\n\n".join(lines) + "\n").save(path)
     return path
 
 

@@ -12,28 +12,18 @@ NUM_SPECIAL_TOKENS = 4
 @strict
 class KVTradeConfig(MistralConfig):
     r"""
-    Configuration of [`KVTradeForCausalLM`]: a [`MistralConfig`] whose defaults describe the `small` preset's shape
-    and the default [`ReturnTokenizer`] grid, so `KVTradeConfig()` and `ReturnTokenizer()` always fit together.
-    The bin grid is kept here only: a checkpoint's tokenizer is `ReturnTokenizer.from_config` of its config.
+    A [`MistralConfig`] whose defaults are the `small` preset's shape and the default [`ReturnTokenizer`] grid. The
+    bin grid is kept here only: a checkpoint's tokenizer is `ReturnTokenizer.from_config` of its config.
 
     Args:
         num_bins (`int`): return bins of the tokenizer; `vocab_size` is `num_bins + 4` (pad, bos, eos, missing).
         return_clip (`float`): log-returns beyond +-`return_clip` fall into the end bins.
         mu_law (`float`): companding strength of the bin grid.
-        num_key_value_heads (`int`): 1 gives multi-query attention, `num_attention_heads` gives multi-head
-            attention, anything in between grouped-query attention.
         head_dim (`int`): 32 or 64 keep the model servable by vLLM's CPU attention kernels.
-        sliding_window (`int`, *optional*): if set, every layer attends to at most this many past tokens.
-        training_context_length (`int`, *optional*): the window length the model was trained on (set by
-            `kvtrade train`): a context plus the tokens forecast from it never hold more. With `context_stride` it
-            is the context policy (`hf_kvtrade.context.ContextPolicy`) that every forecasting path follows.
-        context_stride (`int`, *optional*): how many tokens the context's anchor moves at a rebase once a history
-            outgrows the window; defaults to half the window.
-
-    ```python
-    >>> from hf_kvtrade import KVTradeConfig, KVTradeForCausalLM
-    >>> model = KVTradeForCausalLM(KVTradeConfig(num_key_value_heads=1))  # multi-query flavour
-    ```"""
+        training_context_length (`int`, *optional*): the window the model was trained on; with `context_stride`
+            (default half the window) the context policy (`hf_kvtrade.context.ContextPolicy`) of every forecast.
+        context_stride (`int`, *optional*): tokens the context's anchor moves at a rebase.
+    """
 
     model_type = "kvtrade"
 
@@ -60,8 +50,7 @@ class KVTradeConfig(MistralConfig):
         if self.layer_types is None:
             layer_type = "full_attention" if self.sliding_window is None else "sliding_attention"
             self.layer_types = [layer_type] * self.num_hidden_layers
-        # What a saved folder loads with `trust_remote_code=True`, where hf_kvtrade is not installed (the Hub
-        # path). vLLM's Transformers backend loads the base model through the AutoModel entry.
+        # The classes a folder loads with `trust_remote_code` (no hf_kvtrade: the Hub path; vLLM's backend: AutoModel).
         kwargs.setdefault(
             "auto_map",
             {
@@ -73,7 +62,6 @@ class KVTradeConfig(MistralConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Part of `@strict` validation: catches shapes that would build a model the tokenizer or vLLM cannot use."""
         if self.vocab_size != self.num_bins + NUM_SPECIAL_TOKENS:
             raise ValueError(
                 f"vocab_size ({self.vocab_size}) must equal num_bins + {NUM_SPECIAL_TOKENS} "

@@ -32,8 +32,6 @@ def run(args) -> int:
     from ..conversion import convert_checkpoint
     from .train import select_frames
 
-    if not Path(args.source).is_dir():
-        raise SystemExit(f"SRC {args.source!r} is not a checkpoint folder")
     frames, _ = select_frames(args.series, [])
     report = convert_checkpoint(
         args.source,

@@ -13,6 +13,8 @@ SHIPPED_RECIPE = {
     "max_steps": 500,
     "learning_rate": 3e-4,
 }
+# Namespace entries that are not training options (each option's dest is its flag in snake case).
+NOT_RECORDED = {"command", "func", "push_to_hub"}
 
 
 def register(subparsers) -> None:
@@ -45,21 +47,11 @@ def register(subparsers) -> None:
 
 def reproducible_command(args) -> str:
     """The command line with every training option spelled out, as recorded in the model card."""
-    words = [
-        "kvtrade", "train",
-        "--preset", args.preset, "--attention", args.attention,
-        *(["--kv-heads", str(args.kv_heads)] if args.kv_heads is not None else []),
-        "--series", args.series,
-        *[word for path in args.data_file for word in ("--data-file", path)],
-        "--output-dir", args.output_dir,
-        "--context-length", str(args.context_length),
-        *(["--context-stride", str(args.context_stride)] if args.context_stride is not None else []),
-        "--synthetic-series", str(args.synthetic_series), "--synthetic-steps", str(args.synthetic_steps),
-        "--synthetic-learning-rate", str(args.synthetic_learning_rate),
-        "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
-        "--learning-rate", str(args.learning_rate), "--weight-decay", str(args.weight_decay),
-        "--eval-steps", str(args.eval_steps), "--seed", str(args.seed),
-    ]  # fmt: skip
+    words = ["kvtrade", "train"]
+    for name, value in vars(args).items():
+        if name not in NOT_RECORDED and value is not None:
+            flag = "--" + name.replace("_", "-")
+            words += [word for item in (value if isinstance(value, list) else [value]) for word in (flag, str(item))]
     return shlex.join(words)
 
 
