@@ -211,7 +211,7 @@ def _throughput(args, hf, vllm, policy) -> dict:
 
     def hf_paths():
         for prices in histories:
-            paths = hf.sample_paths(hf.encode_context(prices, args.steps), args.steps, args.paths)
+            paths = hf.sample_paths([hf.encode_context(prices, args.steps)], args.steps, args.paths)[0]
             Forecast.from_paths(hf.tokenizer.decode(paths), prices[-1], QUANTILES)
 
     def vllm_paths():
