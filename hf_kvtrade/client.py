@@ -13,7 +13,7 @@ import numpy as np
 
 from .context import ContextPolicy
 from .distribution import BaseForecaster, PathSampling
-from .serving import DEFAULT_MAX_REQUEST_TOKENS
+from .serving import DEFAULT_MAX_REQUEST_TOKENS, engine_settings
 from .tokenization_kvtrade import ReturnTokenizer
 
 
@@ -43,12 +43,10 @@ class ForecastClient(_VLLMForecasting):
     >>> client = ForecastClient("http://127.0.0.1:8000/v1", checkpoint)
     >>> client.predict(prices, horizon=1).prob_up
 
-    ``checkpoint`` is the served checkpoint's folder: its tokenizer and context policy turn prices into prompts
-    (only its JSON files are read). The server's ``max_model_len`` must be the policy's window. ``model``
-    defaults to the one model the server serves. ``max_request_tokens`` is the server's per-request budget
-    (`kvtrade serve --max-request-tokens`): a batch or a sample count whose work ``n x (prompt tokens +
-    max_tokens)`` exceeds it goes out as several requests, one after the other, each within it; the samples of
-    request ``j`` of a seeded call use ``seed + j``.
+    ``checkpoint`` is the served checkpoint's folder (only its JSON is read). ``model`` defaults to the one model
+    the server serves. Work ``n x (prompt tokens + max_tokens)`` beyond ``max_request_tokens``, the server's budget
+    (`kvtrade serve --max-request-tokens`), goes out as several requests in turn; request ``j`` of a seeded call
+    uses ``seed + j``.
     """
 
     def __init__(
@@ -128,21 +126,16 @@ class ForecastClient(_VLLMForecasting):
 class OfflineForecaster(_VLLMForecasting):
     """Forecasts with an in-process `vllm.LLM`, for batch jobs over many series.
 
-    Builds the engine with the settings `kvtrade serve` uses; ``llm_kwargs`` override them (e.g.
-    ``enforce_eager=True`` to start faster). The CPU platform spawns the engine, so scripts that use this need an
-    ``if __name__ == "__main__":`` guard.
+    ``llm_kwargs`` override the settings `kvtrade serve` uses (e.g. ``enforce_eager=True``). The CPU platform
+    spawns the engine, so scripts that use this need an ``if __name__ == "__main__":`` guard.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, **llm_kwargs):
         from vllm import LLM
 
-        from .serving import engine_settings
-
         super().__init__(checkpoint)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings = engine_settings(checkpoint)
-        settings.update(llm_kwargs)
-        self.llm = LLM(model=str(checkpoint), **settings)
+        self.llm = LLM(model=str(checkpoint), **{**engine_settings(checkpoint), **llm_kwargs})
         self._check_max_model_len(self.llm.llm_engine.model_config.max_model_len, "this engine")
 
     def generate(self, prompts: list[list[int]], sampling_params):
