@@ -160,8 +160,7 @@ class ReturnTokenizer:
             raise ValueError(f"got {len(stamps)} timestamps for {length} prices")
         if np.issubdtype(stamps.dtype, np.datetime64):
             stamps = stamps.astype("datetime64[ns]").astype(np.int64)
-        steps = np.diff(stamps)
-        bad = np.flatnonzero(steps <= 0)
+        bad = np.flatnonzero(np.diff(stamps) <= 0)
         if bad.size:
             raise ValueError(
                 f"timestamp at index {bad[0] + 1} is not after the one before it: timestamps must be strictly increasing"
