@@ -1,9 +1,8 @@
 """hf-kvtrade: transformer forecasting of market data on Transformers and vLLM, with KV-cache policies for live use.
 
 The public names load lazily (PEP 562), so `kvtrade --help` and the JSON-only parts (tokenizer, context policy,
-clients' set-up) never import torch or Transformers. The first access to a model class, or any import of
-``hf_kvtrade.forecasting`` (the path every save and load takes), registers the `kvtrade` model type with the
-Transformers Auto classes.
+clients' set-up) never import torch or Transformers. The first access to a model class, or an import of
+``hf_kvtrade.forecasting``, registers the `kvtrade` model type with the Transformers Auto classes.
 """
 
 from importlib import import_module
@@ -25,11 +24,8 @@ _LIGHT = {"BinnedDistribution", "Encoding", "Forecast", "ReturnTokenizer"}
 
 
 def register_auto_classes() -> None:
-    """Registers `kvtrade` with AutoConfig/AutoModel/AutoModelForCausalLM; idempotent.
-
-    This is the installed package's side. A saved folder names its own classes for `trust_remote_code` (the
-    config's `auto_map`, which save_pretrained fills in as it copies the model code).
-    """
+    """Registers `kvtrade` with AutoConfig/AutoModel/AutoModelForCausalLM; idempotent. (A saved folder names its own
+    classes for `trust_remote_code` in the config's `auto_map`.)"""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .configuration_kvtrade import KVTradeConfig

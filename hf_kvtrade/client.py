@@ -1,73 +1,28 @@
-"""Prices in, forecast out, through vLLM: over HTTP (`ForecastClient`) or in-process for batch jobs
-(`OfflineForecaster`).
+"""Prices in, forecast out through vLLM: over HTTP (`ForecastClient`) or in-process (`OfflineForecaster`).
 
-Both return the Transformers `Forecaster`'s `Forecast`, from the same tokens: prompts follow the checkpoint's
-`ContextPolicy`, and the engine's ``max_model_len`` is the policy's window. Horizon 1 reads the whole next-bar distribution from the
-logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
-exact, not a top-k truncation. Longer horizons sample `num_samples` paths with `n` and summarise them, sampled
-as `PathSampling` says for every backend.
+Both follow `BaseForecaster`, as the Transformers `Forecaster` does: same prompts, same `Forecast`. Horizon 1 reads
+the logprobs of every token in the vocabulary (the server allows that many, see `hf_kvtrade.serving`), so it is
+exact, not a top-k truncation.
 """
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
 import numpy as np
 
 from .context import ContextPolicy
-from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast, PathSampling
-from .serving import DEFAULT_MAX_REQUEST_TOKENS
+from .distribution import BaseForecaster, PathSampling
+from .serving import DEFAULT_MAX_REQUEST_TOKENS, engine_settings
 from .tokenization_kvtrade import ReturnTokenizer
 
 
-class _VLLMForecasting(ABC):
-    """What both paths share: prompts from prices and forecasts from vLLM's outputs."""
+class _VLLMForecasting(BaseForecaster):
+    """What both vLLM paths share: the checkpoint's tokenizer and policy, and token probabilities from logprobs."""
 
-    tokenizer: ReturnTokenizer
-    context_policy: ContextPolicy
-
-    def predict(
-        self,
-        prices,
-        horizon: int = 1,
-        num_samples: int = 256,
-        quantiles=DEFAULT_QUANTILES,
-        seed: int | None = None,
-    ) -> Forecast:
-        return self.predict_batch([prices], horizon, num_samples, quantiles, seed)[0]
-
-    def predict_batch(
-        self,
-        series: Sequence,
-        horizon: int = 1,
-        num_samples: int = 256,
-        quantiles=DEFAULT_QUANTILES,
-        seed: int | None = None,
-    ) -> list[Forecast]:
-        """One forecast per price series, computed in a single batch by the engine."""
-        if len(series) == 0:
-            raise ValueError("series is empty: pass at least one price series")
-        if horizon < 1:
-            raise ValueError(f"horizon must be at least 1, got {horizon}")
-        series = [np.asarray(prices, dtype=np.float64) for prices in series]
-        prompts = [self.encode_context(prices, horizon) for prices in series]
-        last_prices = [float(prices[-1]) for prices in series]
-        if horizon == 1:
-            token_probs = self.next_token_probs(prompts)
-            return [
-                Forecast.from_distribution(BinnedDistribution.from_token_probs(probs, self.tokenizer), price, quantiles)
-                for probs, price in zip(token_probs, last_prices)
-            ]
-        paths = self.sample_paths(prompts, horizon, num_samples, seed)
-        return [
-            Forecast.from_paths(self.tokenizer.decode(ids), price, quantiles) for ids, price in zip(paths, last_prices)
-        ]
-
-    def encode_context(self, prices, horizon: int = 1) -> list[int]:
-        """The context policy's token ids of ``prices`` for a ``horizon``-bar forecast (what `Forecaster` feeds)."""
-        return self.context_policy.select(self.tokenizer.encode(prices), horizon).tolist()
+    def __init__(self, checkpoint: str | os.PathLike):
+        self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
+        self.context_policy = ContextPolicy.from_pretrained(checkpoint)
 
     def _check_max_model_len(self, max_model_len: int, where: str) -> None:
         if max_model_len != self.context_policy.window:
@@ -76,19 +31,10 @@ class _VLLMForecasting(ABC):
                 f"{self.context_policy.window}-token window: serve it with `kvtrade serve`, which sets it"
             )
 
-    def _token_probs(self, logprobs_by_id: dict[int, float]) -> np.ndarray:
+    def _token_probs(self, ids, logprobs) -> np.ndarray:
         probs = np.zeros(self.tokenizer.vocab_size)
-        ids = np.fromiter(logprobs_by_id.keys(), dtype=np.int64)
-        probs[ids] = np.exp(np.fromiter(logprobs_by_id.values(), dtype=np.float64))
+        probs[np.fromiter(ids, dtype=np.int64)] = np.exp(np.fromiter(logprobs, dtype=np.float64))
         return probs
-
-    @abstractmethod
-    def next_token_probs(self, prompts: list[list[int]]) -> np.ndarray:
-        """Probabilities over the whole vocabulary of the token after each prompt, shape ``(prompts, vocab)``."""
-
-    @abstractmethod
-    def sample_paths(self, prompts: list[list[int]], horizon: int, num_samples: int, seed: int | None) -> np.ndarray:
-        """Token ids of sampled continuations, shape ``(prompts, num_samples, horizon)``."""
 
 
 class ForecastClient(_VLLMForecasting):
@@ -97,12 +43,10 @@ class ForecastClient(_VLLMForecasting):
     >>> client = ForecastClient("http://127.0.0.1:8000/v1", checkpoint)
     >>> client.predict(prices, horizon=1).prob_up
 
-    ``checkpoint`` is the served checkpoint's folder: its tokenizer and context policy turn prices into prompts
-    (only its JSON files are read). The server's ``max_model_len`` must be the policy's window. ``model``
-    defaults to the one model the server serves. ``max_request_tokens`` is the server's per-request budget
-    (`kvtrade serve --max-request-tokens`): a batch or a sample count whose work ``n x (prompt tokens +
-    max_tokens)`` exceeds it goes out as several requests, one after the other, each within it; the samples of
-    request ``j`` of a seeded call use ``seed + j``.
+    ``checkpoint`` is the served checkpoint's folder (only its JSON is read). ``model`` defaults to the one model
+    the server serves. Work ``n x (prompt tokens + max_tokens)`` beyond ``max_request_tokens``, the server's budget
+    (`kvtrade serve --max-request-tokens`), goes out as several requests in turn; request ``j`` of a seeded call
+    uses ``seed + j``.
     """
 
     def __init__(
@@ -122,8 +66,7 @@ class ForecastClient(_VLLMForecasting):
         self.model = model or next(iter(served))
         if self.model not in served:
             raise ValueError(f"the server at {base_url} serves {sorted(served)}, not {self.model!r}")
-        self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
-        self.context_policy = ContextPolicy.from_pretrained(checkpoint)
+        super().__init__(checkpoint)
         self._check_max_model_len(served[self.model].model_extra["max_model_len"], f"the server at {base_url}")
         if max_request_tokens < self.context_policy.window:
             raise ValueError(
@@ -154,32 +97,21 @@ class ForecastClient(_VLLMForecasting):
 
     def _next_token_probs(self, prompts):
         response = self.complete(prompts, max_tokens=1, logprobs=self.tokenizer.vocab_size)
-        choices = sorted(response.choices, key=lambda choice: choice.index)
+        tops = [choice.logprobs.top_logprobs[0] for choice in sorted(response.choices, key=lambda c: c.index)]
         # With return_tokens_as_token_ids the keys read "token_id:<id>".
-        return np.stack(
-            [
-                self._token_probs(
-                    {int(key.rsplit(":", 1)[1]): value for key, value in choice.logprobs.top_logprobs[0].items()}
-                )
-                for choice in choices
-            ]
-        )
+        return np.stack([self._token_probs((int(key.rsplit(":", 1)[1]) for key in top), top.values()) for top in tops])
 
-    def sample_paths(self, prompts, horizon, num_samples, seed):
+    def sample_paths(self, prompts, horizon, num_samples, seed=None):
         if num_samples * sum(len(prompt) + horizon for prompt in prompts) <= self.max_request_tokens:
             return self._sample_paths(prompts, horizon, num_samples, seed)
         paths = []
         for prompt in prompts:
             per_request = self.max_request_tokens // (len(prompt) + horizon)
-            chunks = [min(per_request, num_samples - start) for start in range(0, num_samples, per_request)]
-            paths.append(
-                np.concatenate(
-                    [
-                        self._sample_paths([prompt], horizon, chunk, None if seed is None else seed + index)[0]
-                        for index, chunk in enumerate(chunks)
-                    ]
-                )
-            )
+            chunks = []
+            for index, start in enumerate(range(0, num_samples, per_request)):
+                size, chunk_seed = min(per_request, num_samples - start), None if seed is None else seed + index
+                chunks.append(self._sample_paths([prompt], horizon, size, chunk_seed)[0])
+            paths.append(np.concatenate(chunks))
         return np.stack(paths)
 
     def _sample_paths(self, prompts, horizon, num_samples, seed):
@@ -194,22 +126,16 @@ class ForecastClient(_VLLMForecasting):
 class OfflineForecaster(_VLLMForecasting):
     """Forecasts with an in-process `vllm.LLM`, for batch jobs over many series.
 
-    Builds the engine with the settings `kvtrade serve` uses; ``llm_kwargs`` override them (e.g.
-    ``enforce_eager=True`` to start faster). The CPU platform spawns the engine, so scripts that use this need an
-    ``if __name__ == "__main__":`` guard.
+    ``llm_kwargs`` override the settings `kvtrade serve` uses (e.g. ``enforce_eager=True``). The CPU platform
+    spawns the engine, so scripts that use this need an ``if __name__ == "__main__":`` guard.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, **llm_kwargs):
         from vllm import LLM
 
-        from .serving import engine_settings
-
-        self.tokenizer = ReturnTokenizer.from_pretrained(checkpoint)
-        self.context_policy = ContextPolicy.from_pretrained(checkpoint)
+        super().__init__(checkpoint)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings = engine_settings(checkpoint)
-        settings.update(llm_kwargs)
-        self.llm = LLM(model=str(checkpoint), **settings)
+        self.llm = LLM(model=str(checkpoint), **{**engine_settings(checkpoint), **llm_kwargs})
         self._check_max_model_len(self.llm.llm_engine.model_config.max_model_len, "this engine")
 
     def generate(self, prompts: list[list[int]], sampling_params):
@@ -223,21 +149,15 @@ class OfflineForecaster(_VLLMForecasting):
         from vllm import SamplingParams
 
         outputs = self.generate(prompts, SamplingParams(max_tokens=1, logprobs=self.tokenizer.vocab_size))
-        return np.stack(
-            [
-                self._token_probs({token: entry.logprob for token, entry in output.outputs[0].logprobs[0].items()})
-                for output in outputs
-            ]
-        )
+        tops = [output.outputs[0].logprobs[0] for output in outputs]
+        return np.stack([self._token_probs(top.keys(), (entry.logprob for entry in top.values())) for top in tops])
 
-    def sample_paths(self, prompts, horizon, num_samples, seed):
+    def sample_paths(self, prompts, horizon, num_samples, seed=None):
         from vllm import SamplingParams
 
         sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
         outputs = self.generate(prompts, SamplingParams(**sampling.vllm_kwargs()))
-        return np.array(
-            [[sample.token_ids for sample in output.outputs] for output in outputs], dtype=np.int64
-        )
+        return np.array([[sample.token_ids for sample in output.outputs] for output in outputs], dtype=np.int64)
 
 
 __all__ = ["ForecastClient", "OfflineForecaster"]

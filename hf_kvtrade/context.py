@@ -1,16 +1,11 @@
 """The context policy: which tokens of a history the model conditions on. Every path asks this module.
 
-A KVTrade model is trained on windows of ``window`` tokens, so a sequence the model reads, the context plus the
-tokens it forecasts, never holds more than ``window`` tokens and no token ever sits at a position it was not trained
-on. A history of ``n`` tokens is conditioned on from an *anchor*: the whole history while it fits, and past that
-the most recent tokens from an anchor that moves ``stride`` tokens at a time (a *rebase*). Between rebases the
-context only grows by one token per bar, so a streaming KV cache and vLLM's prefix cache extend it instead of
-recomputing it; at a rebase the context shrinks to ``window - stride`` tokens (less the forecast horizon) and grows
-again. The anchor depends on ``n`` alone: a stateless call given the whole history and a session that saw the same
-bars one at a time condition on the same tokens.
-
-Training and evaluation read the same contexts: :meth:`ContextPolicy.scoring_windows` cuts a token series into
-windows whose scored positions are exactly the next-bar forecasts the policy makes in serving, each token once.
+A model trained on windows of ``window`` tokens never reads more than ``window`` tokens (context plus forecast),
+so no token sits at a position it was not trained on. A history of ``n`` tokens is read from an *anchor*: the
+whole history while it fits, past that the most recent tokens from an anchor that moves ``stride`` tokens at a
+time (a *rebase*). Between rebases the context grows one token per bar, so a streaming KV cache and vLLM's prefix
+cache extend it instead of recomputing it. The anchor depends on ``n`` alone: a stateless call given the whole
+history and a session that saw the same bars one at a time condition on the same tokens.
 
 The policy is saved in the checkpoint's config (``training_context_length`` and ``context_stride``); this module
 imports neither torch nor Transformers, so clients can use it with the config's JSON alone.
@@ -18,11 +13,12 @@ imports neither torch nor Transformers, so clients can use it with the config's 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
+
+from .tokenization_kvtrade import read_config
 
 
 @dataclass(frozen=True)
@@ -45,11 +41,8 @@ class ContextPolicy:
 
     @classmethod
     def from_config(cls, config) -> "ContextPolicy":
-        """The policy saved in a ``KVTradeConfig`` (or its ``config.json`` as a dict).
-
-        ``training_context_length`` is the window the model was trained on; a config that has none (an untrained
-        preset) may use every position it has, ``max_position_embeddings``. ``context_stride`` defaults to half
-        the window.
+        """The policy saved in a ``KVTradeConfig`` (or its dict). An untrained preset, with no
+        ``training_context_length``, may use all of ``max_position_embeddings``; the stride defaults to half the window.
         """
         get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
         window = get("training_context_length") or get("max_position_embeddings")
@@ -59,12 +52,7 @@ class ContextPolicy:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike) -> "ContextPolicy":
-        """The policy of a saved checkpoint, read from its ``config.json`` without loading the model."""
-        path = os.path.join(checkpoint, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint at {os.fspath(checkpoint)!r}: {path} does not exist")
-        with open(path) as f:
-            return cls.from_config(json.load(f))
+        return cls.from_config(read_config(checkpoint))
 
     @property
     def max_horizon(self) -> int:
@@ -74,8 +62,7 @@ class ContextPolicy:
     def start(self, num_tokens: int, horizon: int = 1) -> int:
         """Index of the first token conditioned on, for a history of ``num_tokens`` and a forecast of ``horizon``.
 
-        The context and the ``horizon`` forecast tokens fill at most ``window`` positions. The anchor is a multiple
-        of ``stride``, so it moves only once every ``stride`` bars.
+        Context and forecast fill at most ``window`` positions; the anchor is a multiple of ``stride``.
         """
         if num_tokens < 1:
             raise ValueError(f"the history must hold at least one token, got {num_tokens}")
@@ -102,11 +89,11 @@ class ContextPolicy:
         return ContextPolicy(window=window, stride=self.stride)
 
     def scoring_windows(self, num_tokens: int, first_target: int = 1) -> list[tuple[int, int, int]]:
-        """``(start, end, first_scored)`` windows over a series of ``num_tokens`` tokens.
+        """``(start, end, first_scored)`` windows over a series of ``num_tokens`` tokens, for training and evaluation.
 
-        The model reads ``ids[start:end]``; its outputs predict the tokens ``first_scored .. end - 1`` (each from the
-        position before it), and each of those forecasts conditions on exactly ``ids[start(k):k]``, the context
-        :meth:`start` gives a history of ``k`` tokens. Every target from ``first_target`` on is scored once.
+        The model reads ``ids[start:end]``; its outputs predict the tokens ``first_scored .. end - 1``, each from
+        exactly the context :meth:`start` gives its history, as in serving. Every target from ``first_target`` on is
+        scored once.
         """
         if not 1 <= first_target <= num_tokens:
             raise ValueError(f"first_target must lie in [1, {num_tokens}], got {first_target}")

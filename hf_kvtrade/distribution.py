@@ -1,16 +1,20 @@
-"""A next-token distribution over return bins, read as a continuous forecast distribution of log-returns.
+"""Token probabilities as forecasts of log-returns, without torch: the one place where they become densities,
+quantiles and CRPS, where paths are sampled the same on every backend, and where prices become a `Forecast`.
 
 Probability mass is spread uniformly inside each bin, so the density is piecewise constant, the CDF piecewise
-linear and quantiles exact inverses of it. This is the single place where token probabilities become densities,
-quantiles and CRPS, and where the settings for sampling paths are defined; the Transformers forecaster, the
-streaming engine, the vLLM client and the evaluation all use it.
+linear and quantiles exact inverses of it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .context import ContextPolicy
+from .tokenization_kvtrade import ReturnTokenizer
 
 
 @dataclass
@@ -67,8 +71,9 @@ class BinnedDistribution:
         if np.any((levels <= 0) | (levels >= 1)):
             raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {levels.tolist()}")
         cumulative = np.concatenate([np.zeros(self.probs.shape[:-1] + (1,)), np.cumsum(self.probs, -1)], -1)
-        flat_cdf = cumulative.reshape(-1, cumulative.shape[-1])
-        out = np.stack([np.interp(levels, row, self.edges) for row in _strictly_increasing(flat_cdf)])
+        # np.interp needs increasing x; empty bins give flat stretches, which a tiny ramp breaks without moving mass.
+        flat_cdf = cumulative.reshape(-1, cumulative.shape[-1]) + np.arange(cumulative.shape[-1]) * 1e-15
+        out = np.stack([np.interp(levels, row, self.edges) for row in flat_cdf])
         return out.reshape(self.probs.shape[:-1] + (len(levels),))
 
     def log_density(self, x) -> np.ndarray:
@@ -193,10 +198,53 @@ class PathSampling:
                     allowed_token_ids=list(range(self.first_bin_id, self.vocab_size)))  # fmt: skip
 
 
-def _strictly_increasing(cumulative: np.ndarray) -> np.ndarray:
-    # np.interp needs increasing x; empty bins give flat stretches, which a tiny ramp breaks without moving mass.
-    ramp = np.arange(cumulative.shape[-1]) * 1e-15
-    return cumulative + ramp
+class BaseForecaster(ABC):
+    """Prices in, `Forecast` out, the same on every backend (Transformers, vLLM offline, vLLM server).
+
+    A forecast conditions on the `ContextPolicy`'s tokens of the prices. Horizon 1 is exact: the next-bar
+    distribution over the return bins. Longer horizons summarise paths sampled as `PathSampling` says. A backend
+    says how it runs a batch of prompts, in the form its `encode_context` returns them.
+    """
+
+    tokenizer: ReturnTokenizer
+    context_policy: ContextPolicy
+
+    def encode_context(self, prices, horizon: int = 1):
+        """The token ids of ``prices`` that a ``horizon``-bar forecast conditions on."""
+        return self.context_policy.select(self.tokenizer.encode(prices), horizon).tolist()
+
+    def predict(
+        self, prices, horizon: int = 1, num_samples: int = 256, quantiles=DEFAULT_QUANTILES, seed: int | None = None
+    ) -> Forecast:
+        return self.predict_batch([prices], horizon, num_samples, quantiles, seed)[0]
+
+    def predict_batch(
+        self,
+        series: Sequence,
+        horizon: int = 1,
+        num_samples: int = 256,
+        quantiles=DEFAULT_QUANTILES,
+        seed: int | None = None,
+    ) -> list[Forecast]:
+        """One forecast per price series; the vLLM backends run the whole batch at once."""
+        if len(series) == 0:
+            raise ValueError("series is empty: pass at least one price series")
+        series = [np.asarray(prices, dtype=np.float64) for prices in series]
+        prompts = [self.encode_context(prices, horizon) for prices in series]
+        if horizon == 1:
+            probs = self.next_token_probs(prompts)
+            distributions = [BinnedDistribution.from_token_probs(row, self.tokenizer) for row in probs]
+            return [Forecast.from_distribution(d, prices[-1], quantiles) for d, prices in zip(distributions, series)]
+        paths = self.tokenizer.decode(self.sample_paths(prompts, horizon, num_samples, seed))
+        return [Forecast.from_paths(returns, prices[-1], quantiles) for returns, prices in zip(paths, series)]
+
+    @abstractmethod
+    def next_token_probs(self, prompts: list) -> np.ndarray:
+        """Probabilities over the whole vocabulary of the token after each prompt, shape ``(prompts, vocab)``."""
+
+    @abstractmethod
+    def sample_paths(self, prompts: list, horizon: int, num_samples: int, seed: int | None = None) -> np.ndarray:
+        """Token ids of sampled continuations, shape ``(prompts, num_samples, horizon)``."""
 
 
 def _integral_of_square(f_lo, f_hi, lo, hi, a, b, offset):
@@ -207,4 +255,4 @@ def _integral_of_square(f_lo, f_hi, lo, hi, a, b, offset):
     return (b - a) * (g_a**2 + g_a * g_b + g_b**2) / 3.0
 
 
-__all__ = ["BinnedDistribution"]
+__all__ = ["BaseForecaster", "BinnedDistribution", "Forecast", "PathSampling"]

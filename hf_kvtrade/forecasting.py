@@ -1,9 +1,4 @@
-"""Prices in, forecast out: the next-token distribution of a KVTrade model read as a return forecast.
-
-Horizon 1 is exact (the softmax over return bins, no sampling). Longer horizons sample whole paths with
-``generate`` and summarise them. The result type, ``Forecast``, lives in the torch-free ``distribution`` module, so the vLLM client returns it
-without importing torch.
-"""
+"""Prices in, forecast out with Transformers: the `BaseForecaster` flow on a `KVTradeForCausalLM`."""
 
 from __future__ import annotations
 
@@ -13,17 +8,18 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .context import ContextPolicy
-from .distribution import DEFAULT_QUANTILES, BinnedDistribution, Forecast, PathSampling
-from .modeling_kvtrade import KVTradeForCausalLM
-from .checkpoint import load_checkpoint
-from .tokenization_kvtrade import ReturnTokenizer
 from . import register_auto_classes
+from .checkpoint import load_checkpoint
+from .context import ContextPolicy
+from .distribution import DEFAULT_QUANTILES, BaseForecaster, Forecast, PathSampling
+from .modeling_kvtrade import KVTradeForCausalLM
+from .tokenization_kvtrade import ReturnTokenizer
 
 # Every save and load goes through here: the Auto classes must know `kvtrade` before either.
 register_auto_classes()
 
-class Forecaster:
+
+class Forecaster(BaseForecaster):
     """Wraps a ``KVTradeForCausalLM`` and its ``ReturnTokenizer``.
 
     >>> forecaster = Forecaster.from_pretrained("checkpoints/kvtrade-small")
@@ -44,65 +40,41 @@ class Forecaster:
         return cls(*load_checkpoint(path, **model_kwargs))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes a self-contained checkpoint: weights, config (with the tokenizer's bin grid) and model code (for
-        trust_remote_code)."""
+        """Writes weights, config (with the bin grid) and model code (for trust_remote_code)."""
         self.model.save_pretrained(path)
 
     def encode_context(self, prices, horizon: int = 1) -> torch.Tensor:
         """The context policy's tokens of ``prices`` for a ``horizon``-bar forecast, as a (1, n) tensor."""
-        ids = self.context_policy.select(self.tokenizer.encode(prices), horizon)
-        return torch.as_tensor(ids, device=self.model.device).unsqueeze(0)
+        return torch.as_tensor(super().encode_context(prices, horizon), device=self.model.device).unsqueeze(0)
 
     @torch.inference_mode()
-    def next_token_probs(self, input_ids: torch.Tensor) -> np.ndarray:
-        logits = self.model(input_ids=input_ids, logits_to_keep=1).logits[:, -1]
+    def next_token_probs(self, prompts: list[torch.Tensor]) -> np.ndarray:
+        logits = torch.cat([self.model(input_ids=ids, logits_to_keep=1).logits[:, -1] for ids in prompts])
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     @torch.inference_mode()
-    def predict(
-        self,
-        prices,
-        horizon: int = 1,
-        num_samples: int = 256,
-        quantiles=DEFAULT_QUANTILES,
-        seed: int | None = None,
-    ) -> Forecast:
-        if horizon < 1:
-            raise ValueError(f"horizon must be at least 1, got {horizon}")
-        prices = np.asarray(prices, dtype=np.float64)
-        input_ids = self.encode_context(prices, horizon)
-        last_price = float(prices[-1])
-        if horizon == 1:
-            distribution = BinnedDistribution.from_token_probs(self.next_token_probs(input_ids)[0], self.tokenizer)
-            return Forecast.from_distribution(distribution, last_price, quantiles)
-        paths = self.sample_paths(input_ids, horizon, num_samples, seed)
-        return Forecast.from_paths(self.tokenizer.decode(paths), last_price, quantiles)
-
-    @torch.inference_mode()
-    def sample_paths(
-        self, input_ids: torch.Tensor, horizon: int, num_samples: int, seed: int | None = None
-    ) -> np.ndarray:
-        """Token ids of ``num_samples`` continuations sampled as `PathSampling` says, shape ``(num_samples, horizon)``.
-
-        The history is prefilled once and its cache repeated for every path (``num_return_sequences`` would
-        prefill it once per path).
-        """
+    def sample_paths(self, prompts: list[torch.Tensor], horizon: int, num_samples: int, seed: int | None = None):
+        """Each prompt's history is prefilled once and its cache repeated for every path (``num_return_sequences``
+        would prefill it once per path); a seed restarts torch's generator for every prompt."""
         sampling = PathSampling.for_tokenizer(self.tokenizer, horizon, num_samples, seed)
-        if seed is not None:
-            torch.manual_seed(seed)
-        cache = DynamicCache(config=self.model.config)
-        if input_ids.shape[1] > 1:
-            self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
-            cache.batch_repeat_interleave(num_samples)
-        batch_ids = input_ids.expand(num_samples, -1)
-        output = self.model.generate(
-            input_ids=batch_ids,
-            attention_mask=torch.ones_like(batch_ids),
-            past_key_values=cache,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **sampling.generate_kwargs(),
-        )
-        return output[:, input_ids.shape[1] :].cpu().numpy()
+        paths = []
+        for input_ids in prompts:
+            if seed is not None:
+                torch.manual_seed(seed)
+            cache = DynamicCache(config=self.model.config)
+            if input_ids.shape[1] > 1:
+                self.model(input_ids=input_ids[:, :-1], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(num_samples)
+            batch_ids = input_ids.expand(num_samples, -1)
+            output = self.model.generate(
+                input_ids=batch_ids,
+                attention_mask=torch.ones_like(batch_ids),
+                past_key_values=cache,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling.generate_kwargs(),
+            )
+            paths.append(output[:, input_ids.shape[1] :].cpu().numpy())
+        return np.stack(paths)
 
 
 __all__ = ["DEFAULT_QUANTILES", "Forecast", "Forecaster"]

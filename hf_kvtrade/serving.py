@@ -1,18 +1,15 @@
 """Serving a KVTrade checkpoint with vLLM's OpenAI-compatible server, hardened against bad input.
 
-The checkpoint is served without a text tokenizer (prompts are lists of return-bin token ids), and in that mode
-vLLM does not check token ids: on the CPU engine a single id outside the vocabulary kills the worker and the
-server with it. ``PromptGuard`` is an ASGI middleware, loaded by vLLM's own ``--middleware`` option, that rejects
-such requests with a 400 before the engine sees them, and with them every other prompt that is not token ids, which
-vLLM would coerce (``"5"`` and ``5.0`` pass as id 5) or fail on with a 500.
+Prompts are return-bin token ids (no text tokenizer), and in that mode vLLM does not check them: on the CPU engine
+one id outside the vocabulary kills the worker and the server with it. ``PromptGuard``, an ASGI middleware loaded
+by vLLM's ``--middleware``, answers such requests with a 400 before the engine sees them, as it does every prompt
+that is not token ids (vLLM would coerce ``"5"`` and ``5.0`` to id 5, or fail with a 500).
 
-The guard also keeps the server fair. vLLM schedules first come, first served, so one request that asks for a
-great many sampled tokens holds the engine's sequence slots while every request behind it waits: a one-token
-forecast once waited 12 s behind ``n=1024, max_tokens=8000``. The guard therefore caps the work of one request,
-``n x (prompt tokens + max_tokens)`` summed over its prompts, at a token budget (``kvtrade serve
---max-request-tokens``), and it caps ``n`` (``--max-samples``); both must be JSON integers, as vLLM would otherwise
-coerce ``"5000"`` and ``5000.0`` past the caps. Everything else vLLM validates itself (too long prompts,
-``max_tokens`` beyond the context, malformed JSON, the API key); the tests check each case.
+It also keeps the server fair. vLLM schedules first come, first served, so one request for many sampled tokens
+holds the engine while every request behind it waits (a one-token forecast once waited 12 s behind ``n=1024,
+max_tokens=8000``). So the guard caps ``n`` (``kvtrade serve --max-samples``) and the work of one request,
+``n x (prompt tokens + max_tokens)`` over its prompts (``--max-request-tokens``); both must be JSON integers, which
+vLLM would not check. vLLM validates everything else itself (prompt length, ``max_tokens``, JSON, the API key).
 """
 
 from __future__ import annotations
@@ -30,14 +27,13 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_SAMPLES = 1024
 # vLLM's own default when a completion request leaves max_tokens out or null.
 VLLM_DEFAULT_MAX_TOKENS = 16
-# The guard runs inside the server process, which vLLM starts from its own command line; this is how
-# `kvtrade serve --max-samples` and `--max-request-tokens` reach it.
+# How `kvtrade serve --max-samples` and `--max-request-tokens` reach the guard inside vLLM's server process.
 MAX_SAMPLES_ENV = "KVTRADE_MAX_SAMPLES"
 MAX_REQUEST_TOKENS_ENV = "KVTRADE_MAX_REQUEST_TOKENS"
 GUARDED_PATHS = ("/v1/completions",)
 # The CPU attention backend only accepts block sizes that are multiples of 32.
 CPU_BLOCK_SIZE = 32
-# Tokens the engine may schedule in one step: many whole prompts of the policy's window at once.
+# Tokens the engine may schedule in one step: many whole prompts of the policy's window.
 MAX_BATCHED_TOKENS = 8192
 # The work one request may ask for, n x (prompt tokens + max_tokens): one engine step's worth. On the 2-core CPU
 # this keeps the p99 latency of one-token forecasts below 1 s while clients send sampled paths at the budget
@@ -46,13 +42,9 @@ DEFAULT_MAX_REQUEST_TOKENS = MAX_BATCHED_TOKENS
 
 
 class PromptGuard:
-    """Pure ASGI middleware that checks ``/v1/completions`` bodies before vLLM parses them.
+    """Pure ASGI middleware: a 400 in vLLM's error format for a ``/v1/completions`` body that `find_problem` refuses.
 
-    Rejects, with vLLM's own error format and a 400: any ``prompt`` that ``prompt_problem`` refuses, ``n`` or
-    ``max_tokens`` that are not JSON integers, ``n`` above the server's sample limit, and a request whose work
-    ``n x (prompt tokens + max_tokens)`` exceeds the server's per-request token budget (one request would otherwise
-    hold the engine while every other waits). The vocabulary size comes from the served model's config in
-    ``app.state.vllm_config``.
+    The vocabulary size comes from the served model's config in ``app.state.vllm_config``.
     """
 
     def __init__(self, app) -> None:
@@ -65,13 +57,11 @@ class PromptGuard:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        vocab_size = scope["app"].state.vllm_config.model_config.get_vocab_size()
-        problem = self.find_problem(body, vocab_size)
-        if problem is not None:
-            message, parameter = problem
-            await _reject(message, parameter, scope, receive, send)
-            return
-        await self.app(scope, _replay(body, receive), send)
+        problem = self.find_problem(body, scope["app"].state.vllm_config.model_config.get_vocab_size())
+        if problem is None:
+            await self.app(scope, _replay(body, receive), send)
+        else:
+            await _reject(*problem, scope, receive, send)
 
     def find_problem(self, body: bytes, vocab_size: int) -> tuple[str, str] | None:
         """``(message, parameter)`` of the first problem vLLM would not catch itself, or None."""
@@ -93,8 +83,7 @@ class PromptGuard:
         if "prompt" not in request:
             return None
         prompt = request["prompt"]
-        problem = prompt_problem(prompt, vocab_size)
-        if problem is not None:
+        if (problem := prompt_problem(prompt, vocab_size)) is not None:
             return problem, "prompt"
         max_tokens = request.get("max_tokens")
         max_tokens = VLLM_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
@@ -114,6 +103,11 @@ def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true parses to True, an int.
 
 
+# What a value that is not a list, and a list too many, are at the top of a prompt and inside a batch.
+_AT_TOP = ("not a list of token ids", "a list among token ids, and ids and lists do not mix at one level")
+_IN_A_BATCH = ("not a list of token ids like prompt[0]", "a list, nested deeper than a batch of lists of token ids")
+
+
 def prompt_problem(prompt, vocab_size: int) -> str | None:
     """What is wrong with a ``prompt`` and where (``prompt[1][2]``), or None when it is token ids for this model.
 
@@ -121,29 +115,16 @@ def prompt_problem(prompt, vocab_size: int) -> str | None:
     The server has no text tokenizer, so text is refused like any other value that is not an id.
     """
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-        problem = _batch_problem(prompt, vocab_size)
+        problems = (_ids_problem(ids, f"prompt[{i}]", vocab_size, *_IN_A_BATCH) for i, ids in enumerate(prompt))
+        problem = next(filter(None, problems), None)
     else:
-        problem = _ids_problem(
-            prompt, "prompt", vocab_size, "not a list of token ids",
-            "a list among token ids, and ids and lists do not mix at one level",
-        )  # fmt: skip
+        problem = _ids_problem(prompt, "prompt", vocab_size, *_AT_TOP)
     if problem is None:
         return None
     return (
         f"{problem}: a prompt is a non-empty list of ReturnTokenizer ids in [0, {vocab_size}) (0-3 special, then "
         "one id per return bin), or a non-empty list of such lists"
     )
-
-
-def _batch_problem(batch: list, vocab_size: int) -> str | None:
-    for index, ids in enumerate(batch):
-        problem = _ids_problem(
-            ids, f"prompt[{index}]", vocab_size, "not a list of token ids like prompt[0]",
-            "a list, nested deeper than a batch of lists of token ids",
-        )  # fmt: skip
-        if problem is not None:
-            return problem
-    return None
 
 
 def _ids_problem(ids, where: str, vocab_size: int, not_a_list: str, nested: str) -> str | None:
@@ -163,25 +144,19 @@ def _ids_problem(ids, where: str, vocab_size: int, not_a_list: str, nested: str)
 
 
 def _value_problem(value, where: str, expected: str) -> str:
-    if isinstance(value, str):
-        return f"{where} is text ({_show(value)}), and this server has no text tokenizer"
-    return f"{where} is {_describe(value)}, {expected}"
+    reason = "and this server has no text tokenizer" if isinstance(value, str) else expected
+    return f"{where} is {_describe(value)}, {reason}"
+
+
+# What a parsed JSON value is, by its Python type.
+_JSON_SCALARS = {str: "text ({})", bool: "the boolean {}", int: "token id {}", float: "the float {}"}
+_JSON_OTHERS = {dict: "a JSON object", list: "a list", type(None): "null"}
 
 
 def _describe(value) -> str:
-    if isinstance(value, str):
-        return f"text ({_show(value)})"
-    if isinstance(value, bool):
-        return f"the boolean {_show(value)}"
-    if isinstance(value, int):
-        return f"token id {_show(value)}"
-    if isinstance(value, float):
-        return f"the float {_show(value)}"
-    if isinstance(value, dict):
-        return "a JSON object"
-    if isinstance(value, list):
-        return "a list"
-    return "null"
+    if type(value) in _JSON_OTHERS:
+        return _JSON_OTHERS[type(value)]
+    return _JSON_SCALARS[type(value)].format(_show(value))
 
 
 def _show(value, limit: int = 40) -> str:
@@ -204,14 +179,10 @@ async def _read_body(receive) -> bytes:
 
 def _replay(body: bytes, receive):
     """A ``receive`` that hands the already-read body to the app once, then defers to the client connection."""
-    sent = False
+    pending = iter([{"type": "http.request", "body": body, "more_body": False}])
 
     async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return next(pending, None) or await receive()
 
     return replay
 
@@ -228,12 +199,10 @@ async def _reject(message: str, parameter: str, scope, receive, send) -> None:
 def engine_settings(checkpoint: str | os.PathLike) -> dict:
     """vLLM engine arguments shared by `kvtrade serve` and `hf_kvtrade.client.OfflineForecaster`.
 
-    ``max_model_len`` is the checkpoint's context-policy window, so no prompt plus its forecast reaches a
-    position the model was not trained on. No text tokenizer (prompts are ReturnTokenizer ids), prefix caching (every new bar re-uses the cached
-    history), block size 32, fp32, and ``max_logprobs`` covering the whole vocabulary (a horizon-1 forecast reads
-    the full next-bar distribution). Prompts are prefilled whole, never in chunks: vLLM rewinds the seeded
-    generator of a request whose prompt was prefilled in part, CPU generators cannot rewind, and one request with
-    a ``seed`` and a long prompt would otherwise kill the engine.
+    ``max_model_len`` is the context policy's window, so no prompt plus its forecast reaches an untrained position;
+    ``max_logprobs`` covers the vocabulary, so a horizon-1 forecast reads the whole next-bar distribution. Prompts
+    are prefilled whole: vLLM rewinds the seeded generator of a prompt prefilled in chunks, CPU generators cannot
+    rewind, and one request with a ``seed`` and a long prompt would otherwise kill the engine.
     """
     window = ContextPolicy.from_pretrained(checkpoint).window
     return {
@@ -257,14 +226,9 @@ def server_command(
     dtype: str = "float32",
     enforce_eager: bool = False,
 ) -> list[str]:
-    """Command line of vLLM's OpenAI-compatible server for a KVTrade checkpoint.
-
-    The CPU build's ``vllm`` script is broken, so this runs the module with ``engine_settings`` as flags; usage
-    reports cached prompt tokens.
-    """
+    """Command line of vLLM's OpenAI-compatible server (its module: the CPU build's ``vllm`` script is broken)."""
     checkpoint = checkpoint_dir(checkpoint)
-    settings = engine_settings(checkpoint)
-    settings["dtype"] = dtype
+    settings = {**engine_settings(checkpoint), "dtype": dtype, "enforce_eager": enforce_eager}
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(checkpoint),
@@ -282,11 +246,7 @@ def server_command(
             command.append(flag.replace("--", "--no-", 1))
         else:
             command += [flag, str(value)]
-    if api_key:
-        command += ["--api-key", api_key]
-    if enforce_eager:
-        command.append("--enforce-eager")
-    return command
+    return command + (["--api-key", api_key] if api_key else [])
 
 
 def server_environment(

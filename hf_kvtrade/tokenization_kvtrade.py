@@ -18,6 +18,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def read_config(checkpoint: str | os.PathLike) -> dict:
+    """A saved checkpoint's ``config.json``, read with ``json`` alone (clients need neither torch nor Transformers)."""
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {os.fspath(checkpoint)!r}: {path} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
 @dataclass(frozen=True)
 class Encoding:
     """Token ids of a series, the log-returns they stand for, and which returns fell outside the clip range."""
@@ -31,6 +43,7 @@ class Encoding:
         return np.flatnonzero(self.clipped)
 
 
+@dataclass
 class ReturnTokenizer:
     """Bins log-returns on a fixed mu-law grid.
 
@@ -38,33 +51,32 @@ class ReturnTokenizer:
     order. ``encode(prices)`` gives ``[bos]`` followed by one token per return, i.e. ``len(prices)`` ids.
     """
 
+    num_bins: int = 1024
+    clip: float = 0.2
+    mu: float = 255.0
+    bin_edges: np.ndarray = field(init=False, repr=False, compare=False)
+    bin_widths: np.ndarray = field(init=False, repr=False, compare=False)
+    bin_centers: np.ndarray = field(init=False, repr=False, compare=False)
+
     pad_token_id = 0
     bos_token_id = 1
     eos_token_id = 2
     missing_token_id = 3
     num_special_tokens = 4
 
-    def __init__(self, num_bins: int = 1024, clip: float = 0.2, mu: float = 255.0):
-        if num_bins < 2 or num_bins % 2:
-            raise ValueError(f"num_bins must be an even number >= 2 (a bin edge sits at zero), got {num_bins}")
-        if not (np.isfinite(clip) and clip > 0):
-            raise ValueError(f"clip must be a positive finite log-return, got {clip}")
-        if not (np.isfinite(mu) and mu > 0):
-            raise ValueError(f"mu must be positive, got {mu}")
-        self.num_bins = int(num_bins)
-        self.clip = float(clip)
-        self.mu = float(mu)
-        companded_edges = np.linspace(-1.0, 1.0, self.num_bins + 1)
-        self.bin_edges = self._expand(companded_edges)
+    def __post_init__(self):
+        if self.num_bins < 2 or self.num_bins % 2:
+            raise ValueError(f"num_bins must be an even number >= 2 (a bin edge sits at zero), got {self.num_bins}")
+        if not (np.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a positive finite log-return, got {self.clip}")
+        if not (np.isfinite(self.mu) and self.mu > 0):
+            raise ValueError(f"mu must be positive, got {self.mu}")
+        self.num_bins, self.clip, self.mu = int(self.num_bins), float(self.clip), float(self.mu)
+        # A uniform grid on the companded scale [-1, 1], expanded back to log-returns.
+        companded = np.linspace(-1.0, 1.0, self.num_bins + 1)
+        self.bin_edges = np.sign(companded) * self.clip * np.expm1(np.abs(companded) * np.log1p(self.mu)) / self.mu
         self.bin_widths = np.diff(self.bin_edges)
         self.bin_centers = 0.5 * (self.bin_edges[:-1] + self.bin_edges[1:])
-
-    # ----------------------------------------------------------------------------------------------- grid maths
-    def _compress(self, x: np.ndarray) -> np.ndarray:
-        return np.sign(x) * np.log1p(self.mu * np.abs(x) / self.clip) / np.log1p(self.mu)
-
-    def _expand(self, y: np.ndarray) -> np.ndarray:
-        return np.sign(y) * self.clip * np.expm1(np.abs(y) * np.log1p(self.mu)) / self.mu
 
     @property
     def vocab_size(self) -> int:
@@ -74,13 +86,6 @@ class ReturnTokenizer:
     def first_bin_id(self) -> int:
         return self.num_special_tokens
 
-    def returns_to_bins(self, returns: np.ndarray) -> np.ndarray:
-        """Bin index (0-based, not token id) of each finite log-return; values beyond the clip go to the end bins."""
-        companded = self._compress(np.clip(returns, -self.clip, self.clip))
-        bins = np.floor((companded + 1.0) * (self.num_bins / 2.0)).astype(np.int64)
-        return np.clip(bins, 0, self.num_bins - 1)
-
-    # ------------------------------------------------------------------------------------------------ encoding
     def encode_returns_with_info(self, returns, missing: str = "error", add_bos: bool = False) -> Encoding:
         """Tokenizes log-returns directly. NaN returns raise unless ``missing="token"``."""
         if missing not in ("error", "token"):
@@ -94,7 +99,7 @@ class ReturnTokenizer:
             raise ValueError(f"return at index {bad[0]} is {returns[bad[0]]}: returns must be finite")
         ids = np.full(returns.shape, self.missing_token_id, dtype=np.int64)
         finite = ~is_nan
-        ids[finite] = self.returns_to_bins(returns[finite]) + self.first_bin_id
+        ids[finite] = self._bins(returns[finite]) + self.first_bin_id
         clipped = finite & (np.abs(np.where(finite, returns, 0.0)) > self.clip)
         if clipped.any():
             warnings.warn(
@@ -142,6 +147,12 @@ class ReturnTokenizer:
     def encode_returns(self, returns, missing: str = "error", add_bos: bool = False) -> np.ndarray:
         return self.encode_returns_with_info(returns, missing=missing, add_bos=add_bos).ids
 
+    def _bins(self, returns: np.ndarray) -> np.ndarray:
+        """Bin index (0-based, not token id) of each finite log-return; values beyond the clip go to the end bins."""
+        clipped = np.clip(returns, -self.clip, self.clip)
+        companded = np.sign(clipped) * np.log1p(self.mu * np.abs(clipped) / self.clip) / np.log1p(self.mu)
+        return np.clip(np.floor((companded + 1.0) * (self.num_bins / 2.0)).astype(np.int64), 0, self.num_bins - 1)
+
     @staticmethod
     def _check_timestamps(timestamps, length: int) -> None:
         stamps = np.asarray(timestamps)
@@ -149,14 +160,12 @@ class ReturnTokenizer:
             raise ValueError(f"got {len(stamps)} timestamps for {length} prices")
         if np.issubdtype(stamps.dtype, np.datetime64):
             stamps = stamps.astype("datetime64[ns]").astype(np.int64)
-        steps = np.diff(stamps)
-        bad = np.flatnonzero(steps <= 0)
+        bad = np.flatnonzero(np.diff(stamps) <= 0)
         if bad.size:
             raise ValueError(
                 f"timestamp at index {bad[0] + 1} is not after the one before it: timestamps must be strictly increasing"
             )
 
-    # ------------------------------------------------------------------------------------------------ decoding
     def decode(self, ids) -> np.ndarray:
         """Log-return (bin centre) of each id; special ids decode to NaN."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -169,40 +178,16 @@ class ReturnTokenizer:
         out[is_bin] = self.bin_centers[bins[is_bin]]
         return out
 
-    def decode_prices(self, ids, start_price: float) -> np.ndarray:
-        """Price path implied by a run of return tokens, starting from ``start_price``."""
-        returns = np.nan_to_num(self.decode(ids), nan=0.0)
-        return start_price * np.exp(np.cumsum(returns, axis=-1))
-
-    # --------------------------------------------------------------------------------------------- persistence
-    def to_dict(self) -> dict:
-        return {"num_bins": self.num_bins, "clip": self.clip, "mu": self.mu}
-
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike) -> "ReturnTokenizer":
-        """The tokenizer of a saved checkpoint, read from its ``config.json`` (the grid's one source) with ``json``
-        only, so clients build it without torch or Transformers."""
-        path = os.path.join(checkpoint, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint at {os.fspath(checkpoint)!r}: {path} does not exist")
-        with open(path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_config(config)
+        """The tokenizer of a saved checkpoint, from its ``config.json`` (the grid's one source) without torch."""
+        return cls.from_config(read_config(checkpoint))
 
     @classmethod
     def from_config(cls, config) -> "ReturnTokenizer":
         """The tokenizer a ``KVTradeConfig`` (or its dict) was built for."""
         get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
         return cls(num_bins=get("num_bins", 1024), clip=get("return_clip", 0.2), mu=get("mu_law", 255.0))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, ReturnTokenizer) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_bins={self.num_bins}, clip={self.clip}, mu={self.mu})"
 
 
 __all__ = ["Encoding", "ReturnTokenizer"]

@@ -36,9 +36,7 @@ def run(args) -> int:
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     forecast = forecaster.predict(prices, horizon=args.horizon, num_samples=args.num_samples, seed=args.seed)
     print(f"last price {forecast.last_price:.4f}")
-    for step in range(forecast.horizon):
-        quantiles = "  ".join(
-            f"q{level:.2f}={price:.4f}" for level, price in zip(forecast.quantile_levels, forecast.price_quantiles[step])
-        )
-        print(f"t+{step + 1}: P(up)={forecast.prob_up[step]:.3f}  {quantiles}")
+    for step, (prob_up, prices) in enumerate(zip(forecast.prob_up, forecast.price_quantiles), start=1):
+        quantiles = "  ".join(f"q{level:.2f}={price:.4f}" for level, price in zip(forecast.quantile_levels, prices))
+        print(f"t+{step}: P(up)={prob_up:.3f}  {quantiles}")
     return 0

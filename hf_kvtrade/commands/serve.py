@@ -6,12 +6,7 @@ from ..checkpoint import SHIPPED_CHECKPOINT
 
 
 def register(subparsers) -> None:
-    from ..serving import (
-        DEFAULT_HOST,
-        DEFAULT_MAX_REQUEST_TOKENS,
-        DEFAULT_MAX_SAMPLES,
-        DEFAULT_PORT,
-    )
+    from ..serving import DEFAULT_HOST, DEFAULT_MAX_REQUEST_TOKENS, DEFAULT_MAX_SAMPLES, DEFAULT_PORT
 
     parser = subparsers.add_parser(
         "serve", help="serve a checkpoint with vLLM (OpenAI-compatible /v1/completions over token ids)"
@@ -47,15 +42,8 @@ def run(args) -> int:
 
     try:
         environment = server_environment(args.max_samples, args.max_request_tokens)
-        command = server_command(
-            args.checkpoint,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            served_model_name=args.served_model_name,
-            dtype=args.dtype,
-            enforce_eager=args.enforce_eager,
-        )
+        options = ("host", "port", "api_key", "served_model_name", "dtype", "enforce_eager")
+        command = server_command(args.checkpoint, **{name: getattr(args, name) for name in options})
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"kvtrade serve: {error}") from None
     model = args.served_model_name or Path(args.checkpoint).name

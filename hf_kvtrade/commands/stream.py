@@ -28,13 +28,9 @@ def run(args) -> int:
         raise SystemExit(f"--limit must be at least 1, got {args.limit}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint)
-    description = f"checkpoint {args.checkpoint}"
-    print(f"model: {description}")
+    print(f"model: checkpoint {args.checkpoint}")
     engine = StreamingForecaster(model, tokenizer, cache_policy=args.policy)
-    bars = load_series(args.data)["close"]
-    if args.limit is not None:
-        bars = bars.iloc[: args.limit]
-    for timestamp, close in bars.items():
+    for timestamp, close in load_series(args.data)["close"].iloc[: args.limit].items():
         tick = engine.update(args.data, {"close": close, "timestamp": timestamp})
         low, high = tick.forecast.price_quantiles[0, [0, -1]]
         print(
