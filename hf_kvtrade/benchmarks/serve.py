@@ -478,7 +478,7 @@ def _vllm_load(args, client, hf) -> dict:
         if kind == "paths":
             return np.array([choice["token_ids"] for choice in answer["choices"]])
         top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
-        return client._token_probs({int(key.rsplit(":", 1)[1]): value for key, value in top.items()})
+        return client._token_probs((int(key.rsplit(":", 1)[1]) for key in top), top.values())
 
     url = f"{str(client.openai.base_url).rstrip('/')}/completions"
     return _load(args, "vLLM server", url, client.context_policy.stride, client_bodies, parse, cached_tokens=True)
