@@ -545,7 +545,6 @@ class PrefixedCache(KVPolicyCache):
                 f"{type(cache).__name__} cannot sit behind a shared prefix: a sink cache bounds query-key distances, "
                 "which a prefix at fixed positions would break"
             )
-        self.prefix, self.cache = prefix, cache
         super().__init__(layers=[PrefixedLayer(p, layer) for p, layer in zip(prefix.layers, cache.layers)])
 
 
@@ -573,7 +572,6 @@ class QuantizedKVCache(KVPolicyCache):
                 f"value_group_size ({value_group_size}) must be even and divide num_key_value_heads * head_dim "
                 f"({channels})"
             )
-        self.bits = bits
         super().__init__(
             layers=[KIVILayer(bits, residual_length, value_group_size) for _ in range(config.num_hidden_layers)]
         )
@@ -612,8 +610,6 @@ class SinkKVCache(KVPolicyCache):
             raise ValueError(
                 f"SinkKVCache re-rotates keys by position differences, which rope_type {rope_type!r} does not allow"
             )
-        self.num_sink_tokens = num_sink_tokens
-        self.window = window
         super().__init__(
             layers=[SinkLayer(num_sink_tokens, window, rotary_embedding) for _ in range(config.num_hidden_layers)]
         )
@@ -654,9 +650,6 @@ class SelectiveKVCache(KVPolicyCache):
             raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
         if budget <= num_sink_tokens:
             raise ValueError(f"budget ({budget}) must exceed num_sink_tokens ({num_sink_tokens})")
-        self.budget = budget
-        self.policy = policy
-        self.num_sink_tokens = num_sink_tokens
         super().__init__(
             layers=[SelectiveLayer(budget, policy, num_sink_tokens) for _ in range(config.num_hidden_layers)]
         )
