@@ -1,19 +1,13 @@
-"""KV cache policies for endless market streams, as Transformers `Cache` subclasses.
+"""KV cache policies for endless market streams, as Transformers `Cache`s of one layer object per decoder layer.
 
-Each is a `Cache` of one layer object per decoder layer, so it plugs into `model(..., past_key_values=cache)` and
-`generate` unchanged, for MHA, GQA and MQA, and reports `nbytes()` (every byte it keeps) and `num_tokens_held()`:
-
-- [`FullKVCache`]: every token at full precision in buffers allocated up front; the reference for the others, and
-  the cache the streaming engine decodes into.
-- [`QuantizedKVCache`]: KIVI-style int8/int4 storage with a full-precision window of the newest tokens.
-- [`SinkKVCache`]: StreamingLLM attention sinks plus a recent window; constant memory over any stream length.
-- [`SelectiveKVCache`]: a token budget with H2O heavy-hitter, recency or hybrid eviction.
-- [`PrefixedCache`]: any but the sink cache behind a shared prefix, read by reference (stored once for many caches).
-
-As the masks and `generate` expect, `get_seq_length()` counts tokens *seen*, and `get_mask_sizes(q)` places the K/V
-that the next `update` returns so that the newest `q` keys sit at the positions of the `q` queries; older kept
-tokens are in every query's past, so the causal mask leaves them visible. Rows of a batch must be unpadded. Bytes
-are counted by [`kv_cache_bytes`] before a cache exists and by `nbytes()` after, nowhere else.
+They plug into `model(..., past_key_values=cache)` and `generate` unchanged (MHA, GQA, MQA), and report `nbytes()`
+(every byte kept; [`kv_cache_bytes`] before a cache exists) and `num_tokens_held()`: [`FullKVCache`] (the reference,
+preallocated), [`QuantizedKVCache`] (KIVI int8/int4), [`SinkKVCache`] (StreamingLLM sinks plus a window, constant
+memory), [`SelectiveKVCache`] (H2O, recency or hybrid eviction to a budget), and [`PrefixedCache`] (any but the sink
+one behind a shared prefix, read by reference). As masks and `generate` expect, `get_seq_length()` counts tokens
+*seen*, and `get_mask_sizes(q)` puts the newest `q` keys at the queries' positions; older kept tokens are in every
+query's past, so the causal mask leaves them visible. Rows of a batch must be unpadded. Policy guide:
+docs/cache_policies.md.
 """
 
 from __future__ import annotations
@@ -470,10 +464,6 @@ class FullKVCache(KVPolicyCache):
         if dtype is not None:
             heads, head_dim = config.num_key_value_heads, config.head_dim
             self.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].capacity
 
 
 class PrefixedLayer(CacheLayerMixin):

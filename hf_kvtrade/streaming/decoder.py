@@ -82,9 +82,8 @@ class BatchedDecoder:
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads and query rows: (rows, 1, 1, head_dim)
         padded_length = prefix_length + max(lengths) + 1
         mask = None
-        if rows > 1:
-            visible = prefix_length + torch.tensor(lengths, device=self.device) + 1
-            mask = (torch.arange(padded_length, device=self.device)[None] < visible[:, None])[:, None, None]
+        if rows > 1:  # row r sees keys 0..positions[r]
+            mask = (torch.arange(padded_length, device=self.device) <= positions[:, None])[:, None, None]
         pooled = pool is not None and prefix is None and rows > 1
         if pooled:
             slots = pool.slots_of(caches)

@@ -114,8 +114,7 @@ class StreamingForecaster:
         pool = SlotPool(self.config, self.context_policy.window, self.dtype, self.device) if full else None
         self.sessions = SessionStore(memory_budget_bytes, pool)
         self.decoder = BatchedDecoder(self.model, prefill_chunk)
-        self.quantiles = tuple(quantiles)
-        self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
+        self.summarize = ForecastSummarizer(self.tokenizer, quantiles)
         self.signal_rule = signal_rule or SignalRule()
         self.cache_kwargs = dict(cache_kwargs or {})
         if cache_policy in ("sink", "selective"):
@@ -139,7 +138,6 @@ class StreamingForecaster:
     def peak_cache_bytes(self) -> int:
         return self.sessions.peak_cache_bytes
 
-    # ------------------------------------------------------------------------------------------- market prefix
     @torch.inference_mode()
     def set_market_context(self, prices) -> None:
         """Computes the cache of a market-wide series (e.g. an index) once; every new session reads it by reference.
@@ -170,7 +168,6 @@ class StreamingForecaster:
     def prefix_length(self) -> int:
         return len(self._prefix_ids)
 
-    # ------------------------------------------------------------------------------------------------- ticks
     def update(self, symbol: str, bar) -> TickForecast:
         """Appends ``bar`` (a price, or a mapping / object with ``close`` and optional ``timestamp``) to the
         session of ``symbol`` and returns the forecast of the next bar."""
@@ -265,7 +262,6 @@ class StreamingForecaster:
             tick.latency_ms = latency_ms
         return ticks
 
-    # ------------------------------------------------------------------------------------ cache construction
     def _anchor_of(self, session: Session) -> int:
         """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache, which bounds
         its own query-key distances over an endless stream."""
@@ -314,7 +310,6 @@ class StreamingForecaster:
         """Room a growing cache (quantized, selective) needs for its next token; a full cache never grows."""
         return 0 if self.cache_policy == "full" else kv_cache_bytes(self.config, 1, self.dtype)
 
-    # ------------------------------------------------------------------------------------------ decode steps
     def _step(self, token_ids: Mapping[str, int], keep: Collection[str]) -> None:
         """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
         sessions = [self.sessions[symbol] for symbol in token_ids]
@@ -330,7 +325,6 @@ class StreamingForecaster:
                 session.last_logits = self.decoder.prefill([token_id], session.cache, start_position=position)
         self.tokens_computed += len(sessions)
 
-    # ------------------------------------------------------------------------------------------ memory budget
     def session_bytes(self, symbol: str) -> int:
         return self.sessions.session_bytes(symbol)
 
@@ -359,7 +353,6 @@ class StreamingForecaster:
         anchor = session.anchor if session.cache is not None else self._anchor_of(session)
         return self._prefix_ids + session.token_ids[anchor:]
 
-    # ------------------------------------------------------------------------------------------------- stats
     def latency_stats(self) -> dict[str, float]:
         """Per-tick latency percentiles (milliseconds) over the most recent ticks, and cache sizes in bytes."""
         latencies = np.asarray(self._latencies_ms)
@@ -373,7 +366,6 @@ class StreamingForecaster:
     def latencies_ms(self) -> np.ndarray:
         return np.asarray(self._latencies_ms)
 
-    # ------------------------------------------------------------------------------------------------ asyncio
     async def consume(
         self, feeds: Mapping[str, asyncio.Queue], signals: asyncio.Queue | None = None
     ) -> list[TickForecast]:
