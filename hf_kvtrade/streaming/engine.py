@@ -205,7 +205,7 @@ class StreamingForecaster:
             if symbol not in stepping:
                 self._rebuild(self.sessions[symbol], keep=batch)
         if stepping:
-            self._step(stepping, keep=batch)
+            self._step(stepping)
         self.sessions.enforce(self._growth_headroom(), keep=batch)
         ticks = self._ticks(batch, started)
         self._latencies_ms.extend(tick.latency_ms for tick in ticks.values())
@@ -310,7 +310,7 @@ class StreamingForecaster:
         """Room a growing cache (quantized, selective) needs for its next token; a full cache never grows."""
         return 0 if self.cache_policy == "full" else kv_cache_bytes(self.config, 1, self.dtype)
 
-    def _step(self, token_ids: Mapping[str, int], keep: Collection[str]) -> None:
+    def _step(self, token_ids: Mapping[str, int]) -> None:
         """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
         sessions = [self.sessions[symbol] for symbol in token_ids]
         if self.cache_policy == "full":
