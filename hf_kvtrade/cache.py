@@ -260,8 +260,7 @@ class SinkLayer(KVPolicyLayer):
             return self.sink_keys
         position_ids = torch.tensor([[shift]], device=self.sink_keys.device)
         cos, sin = self.rotary_embedding(self.sink_keys, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return self.sink_keys * cos + rotate_half(self.sink_keys) * sin
+        return self.sink_keys * cos.unsqueeze(1) + rotate_half(self.sink_keys) * sin.unsqueeze(1)
 
 
 class SelectiveLayer(KVPolicyLayer):
@@ -488,12 +487,8 @@ class PrefixedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = self.layer.update(key_states, value_states, *args, **kwargs)
-        prefix_keys, prefix_values = self.prefix.filled()
-        batch = keys.shape[0]
-        return (
-            torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=-2),
-            torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=-2),
-        )
+        prefix_keys, prefix_values = (state.expand(keys.shape[0], -1, -1, -1) for state in self.prefix.filled())
+        return torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The prefix fills positions 0..P-1 and the wrapped layer's tokens follow at their own offset.
