@@ -1,23 +1,13 @@
-"""KV cache policies for endless market streams, as Transformers `Cache` subclasses.
+"""KV cache policies for endless market streams, as Transformers `Cache`s of one layer object per decoder layer.
 
-Every cache here is a `transformers.Cache` built from one layer object per decoder layer, so it plugs into
-`model(..., past_key_values=cache)` and `model.generate(past_key_values=cache)` unchanged, for MHA, GQA and MQA
-alike. Each reports `nbytes()` (every byte of state it keeps) and `num_tokens_held()`:
-
-- [`FullKVCache`]: every token at full precision, in buffers allocated up front; the cache every other policy is
-  compared with, and the one the streaming engine decodes into.
-- [`QuantizedKVCache`]: KIVI-style int8/int4 storage with a full-precision window of the newest tokens.
-- [`SinkKVCache`]: StreamingLLM attention sinks plus a recent window; constant memory over any stream length.
-- [`SelectiveKVCache`]: a token budget with H2O heavy-hitter, recency or hybrid eviction.
-
-All of them follow the Transformers conventions that the masks and `generate` rely on: `get_seq_length()` counts
-tokens *seen*, and `get_mask_sizes(q)` places the K/V that the next `update` returns so that the newest `q` keys sit
-at the absolute positions of the `q` queries. Tokens a policy keeps from further back are all in the past of every
-query, so the causal mask leaves them visible. The caches expect equal-length (unpadded) rows in a batch.
-
-[`PrefixedCache`] puts a shared prefix (e.g. a market index's history) in front of any of them by reference: many
-caches read one prefix's keys and values, which are stored once. Byte accounting is [`kv_cache_bytes`] before a cache
-exists and `nbytes()` after; nothing else counts cache bytes.
+They plug into `model(..., past_key_values=cache)` and `generate` unchanged (MHA, GQA, MQA), and report `nbytes()`
+(every byte kept; [`kv_cache_bytes`] before a cache exists) and `num_tokens_held()`: [`FullKVCache`] (the reference,
+preallocated), [`QuantizedKVCache`] (KIVI int8/int4), [`SinkKVCache`] (StreamingLLM sinks plus a window, constant
+memory), [`SelectiveKVCache`] (H2O, recency or hybrid eviction to a budget), and [`PrefixedCache`] (any but the sink
+one behind a shared prefix, read by reference). As masks and `generate` expect, `get_seq_length()` counts tokens
+*seen*, and `get_mask_sizes(q)` puts the newest `q` keys at the queries' positions; older kept tokens are in every
+query's past, so the causal mask leaves them visible. Rows of a batch must be unpadded. Policy guide:
+docs/cache_policies.md.
 """
 
 from __future__ import annotations
@@ -34,9 +24,8 @@ from .context import ContextPolicy
 CACHE_POLICIES = ("full", "int8", "int4", "sink", "selective")
 SELECTIVE_POLICIES = ("h2o", "recency", "hybrid")
 
-# Scales and zero points are stored as float16: with float32 they would cost int8 values a quarter of a byte per
-# element on top of the payload, which alone breaks a 0.27x budget. Quantization then uses the float16 values
-# themselves, so the error bound below holds for what is actually stored.
+# Float16 scales and zero points: float32 ones would add a quarter byte per int8 element, which alone breaks a 0.27x
+# budget. Quantization uses the stored float16 values, so its error bound holds for what is kept.
 QUANTIZATION_PARAMETER_DTYPE = torch.float16
 _SMALLEST_NORMAL_FLOAT16 = 2.0**-14
 
@@ -52,9 +41,13 @@ def _decoder_config(config: PreTrainedConfig) -> PreTrainedConfig:
     return config
 
 
+def _window(config: PreTrainedConfig, context_policy: ContextPolicy | None) -> int:
+    return (context_policy or ContextPolicy.from_config(config)).window
+
+
 def kv_cache_bytes(config: PreTrainedConfig, num_tokens: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the keys and values of ``num_tokens`` tokens in every layer at ``dtype``: what a [`FullKVCache`] of
-    that many tokens allocates, known before allocating it (memory budgets, bytes-per-token tables)."""
+    """Bytes of the keys and values of ``num_tokens`` tokens in every layer: what a [`FullKVCache`] of that many
+    tokens allocates, known before allocating it."""
     config = _decoder_config(config)
     element_size = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_size * num_tokens
@@ -75,16 +68,14 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of [`pack_int4`]."""
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
 
 
 def quantize(tensor: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization with one (scale, zero point) per slice reduced over ``dim``.
 
-    Returns ``(codes, scale, zero)``: uint8 codes (int4 codes packed two per byte along the last dimension) and
-    float16 ``scale`` and ``zero`` with ``dim`` kept as size 1. The zero point is rounded down and the scale up, so
-    every value dequantizes to within ``scale / 2`` of where it started.
+    Returns uint8 ``codes`` (int4 packed two per byte along the last dimension) and float16 ``scale`` and ``zero``
+    with ``dim`` kept as size 1. Rounding the zero point down and the scale up keeps every value within ``scale / 2``.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -107,11 +98,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 class KVPolicyLayer(CacheLayerMixin):
-    """Shared plumbing of the policy layers: seen-token counting, mask sizes, batch reshuffles and byte accounting.
-
-    A subclass names the batch-major tensors it keeps in ``state_names``; everything that reorders, repeats or
-    counts state goes through that list, so new state cannot be forgotten by one of them.
-    """
+    """Shared plumbing of the policy layers: seen-token counting, mask sizes, beam reordering and byte accounting,
+    over the batch-major tensors a subclass names in ``state_names`` (so no piece of state can be forgotten)."""
 
     is_compileable = False
     # Evicted or quantized tokens cannot be restored, so assisted decoding must not try to roll the cache back.
@@ -124,20 +112,15 @@ class KVPolicyLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        for name in self.state_names:
-            setattr(self, name, self._empty_state(name, key_states))
+        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = self.keys.clone()
         self.is_initialized = True
-
-    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
-        return key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
 
     def num_tokens_held(self) -> int:
         return 0 if not self.is_initialized else self.keys.shape[-2]
 
     def nbytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return sum(getattr(self, name).nbytes for name in self.state_names)
+        return sum(getattr(self, name).nbytes for name in self.state_names) if self.is_initialized else 0
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -155,31 +138,22 @@ class KVPolicyLayer(CacheLayerMixin):
         self.is_initialized = False
         self.cumulative_length = 0
 
-    def _map_state(self, function) -> None:
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # Called by beam search; the mixin's version would reorder only keys and values.
         if self.is_initialized:
             for name in self.state_names:
-                setattr(self, name, function(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_state(lambda state: state.index_select(0, beam_idx.to(state.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_state(lambda state: state.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_state(lambda state: state[indices, ...])
+                state = getattr(self, name)
+                setattr(self, name, state.index_select(0, beam_idx.to(state.device)))
 
 
 class KIVILayer(KVPolicyLayer):
     """One layer of [`QuantizedKVCache`].
 
-    Keys are quantized per channel over blocks of ``residual_length`` tokens (outlier channels get their own
-    range) and values per token over groups of ``value_group_size`` channels spanning the KV heads, as in KIVI.
-    The newest tokens wait in full precision (``keys``/``values``) until ``residual_length`` of them have
-    gathered, then move into the quantized store as one key block.
-
-    Transformers' own `QuantizedLayer` re-quantizes the whole dequantized cache at every flush (compounding the
-    error) and uses one axis scheme for keys and values, which is why this layer does not build on it.
+    Keys are quantized per channel over blocks of ``residual_length`` tokens (outlier channels get their own range),
+    values per token over groups of ``value_group_size`` channels spanning the KV heads, as in KIVI. The newest
+    tokens wait in full precision (``keys``/``values``) until ``residual_length`` of them move over as one key block.
+    Transformers' `QuantizedLayer` re-quantizes the whole dequantized cache at every flush (compounding the error)
+    and quantizes keys and values alike, hence a layer of our own.
     """
 
     state_names = ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
@@ -190,24 +164,11 @@ class KIVILayer(KVPolicyLayer):
         self.residual_length = residual_length
         self.value_group_size = value_group_size
 
-    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
-        batch, heads, _, head_dim = key_states.shape
-        packed_per_byte = 2 if self.bits == 4 else 1
-        shapes = {
-            "key_codes": ((batch, heads, 0, head_dim // packed_per_byte), torch.uint8),
-            "key_scale": ((batch, heads, 0, head_dim), QUANTIZATION_PARAMETER_DTYPE),
-            "key_zero": ((batch, heads, 0, head_dim), QUANTIZATION_PARAMETER_DTYPE),
-            "value_codes": ((batch, 0, self._value_groups(key_states), self.value_group_size // packed_per_byte), torch.uint8),
-            "value_scale": ((batch, 0, self._value_groups(key_states), 1), QUANTIZATION_PARAMETER_DTYPE),
-            "value_zero": ((batch, 0, self._value_groups(key_states), 1), QUANTIZATION_PARAMETER_DTYPE),
-        }
-        if name not in shapes:
-            return super()._empty_state(name, key_states)
-        shape, dtype = shapes[name]
-        return torch.zeros(shape, dtype=dtype, device=key_states.device)
-
-    def _value_groups(self, key_states: torch.Tensor) -> int:
-        return key_states.shape[1] * key_states.shape[-1] // self.value_group_size
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # Quantizing no tokens gives the quantized state its empty shapes and dtypes.
+        for name, tensor in zip(self.state_names[2:], self._quantized_oldest(0)):
+            setattr(self, name, tensor)
 
     def num_tokens_held(self) -> int:
         return 0 if not self.is_initialized else self.key_codes.shape[-2] + self.keys.shape[-2]
@@ -220,33 +181,27 @@ class KIVILayer(KVPolicyLayer):
         values_out = torch.cat([self._dequantized_values(), self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self._flush_full_blocks()
+        flushed = self.keys.shape[-2] // self.residual_length * self.residual_length
+        if flushed:
+            # Key state is (batch, heads, tokens, ...), value state (batch, tokens, groups, ...).
+            for name, dim, tensor in zip(self.state_names[2:], (2, 2, 2, 1, 1, 1), self._quantized_oldest(flushed)):
+                setattr(self, name, torch.cat([getattr(self, name), tensor], dim=dim))
+            self.keys, self.values = self.keys[..., flushed:, :], self.values[..., flushed:, :]
         return keys_out, values_out
 
-    def _flush_full_blocks(self) -> None:
-        num_blocks = self.keys.shape[-2] // self.residual_length
-        if num_blocks == 0:
-            return
-        flushed = num_blocks * self.residual_length
-        batch, heads, _, head_dim = self.keys.shape
-        key_blocks = self.keys[..., :flushed, :].reshape(batch, heads, num_blocks, self.residual_length, head_dim)
-        codes, scale, zero = quantize(key_blocks, self.bits, dim=-2)
-        self.key_codes = torch.cat([self.key_codes, codes.flatten(2, 3)], dim=-2)
-        self.key_scale = torch.cat([self.key_scale, scale.squeeze(-2)], dim=-2)
-        self.key_zero = torch.cat([self.key_zero, zero.squeeze(-2)], dim=-2)
-
-        value_groups = self.values[..., :flushed, :].transpose(1, 2).reshape(batch, flushed, -1, self.value_group_size)
-        codes, scale, zero = quantize(value_groups, self.bits, dim=-1)
-        self.value_codes = torch.cat([self.value_codes, codes], dim=1)
-        self.value_scale = torch.cat([self.value_scale, scale], dim=1)
-        self.value_zero = torch.cat([self.value_zero, zero], dim=1)
-
-        self.keys = self.keys[..., flushed:, :]
-        self.values = self.values[..., flushed:, :]
+    def _quantized_oldest(self, count: int) -> tuple[torch.Tensor, ...]:
+        """Key codes, scales and zeros, then value ones, of the oldest ``count`` full-precision tokens."""
+        # Explicit sizes, not -1: at initialization ``count`` is 0.
+        (batch, heads, _, head_dim), block, group = self.keys.shape, self.residual_length, self.value_group_size
+        blocks = self.keys[..., :count, :].reshape(batch, heads, count // block, block, head_dim)
+        codes, scale, zero = quantize(blocks, self.bits, dim=-2)
+        groups = self.values[..., :count, :].transpose(1, 2).reshape(batch, count, heads * head_dim // group, group)
+        return codes.flatten(2, 3), scale.squeeze(-2), zero.squeeze(-2), *quantize(groups, self.bits, dim=-1)
 
     def _dequantized_keys(self) -> torch.Tensor:
         batch, heads, num_tokens, packed_dim = self.key_codes.shape
-        blocks = self.key_codes.reshape(batch, heads, num_tokens // self.residual_length, self.residual_length, packed_dim)
+        block = self.residual_length
+        blocks = self.key_codes.reshape(batch, heads, num_tokens // block, block, packed_dim)
         keys = dequantize(blocks, self.key_scale.unsqueeze(-2), self.key_zero.unsqueeze(-2), self.bits)
         return keys.reshape(batch, heads, num_tokens, self.keys.shape[-1]).to(self.dtype)
 
@@ -260,10 +215,9 @@ class KIVILayer(KVPolicyLayer):
 class SinkLayer(KVPolicyLayer):
     """One layer of [`SinkKVCache`]: the first ``num_sink_tokens`` keys and values plus the newest ``window``.
 
-    Sink keys are kept as the model rotated them (at their own positions) and turned forward by the number of
-    evicted tokens whenever they are read, so every query sees them where they would sit in the StreamingLLM
-    layout: right before the window. Rotating from the stored keys each time, rather than step by step, keeps
-    rounding from piling up over a long stream.
+    Sink keys are kept as the model rotated them and turned forward by the number of evicted tokens when read, so
+    every query sees them right before the window, as in StreamingLLM. Rotating from the stored keys each time,
+    rather than step by step, keeps rounding from piling up over a long stream.
     """
 
     state_names = ("sink_keys", "sink_values", "keys", "values")
@@ -273,6 +227,10 @@ class SinkLayer(KVPolicyLayer):
         self.num_sink_tokens = num_sink_tokens
         self.window = window
         self.rotary_embedding = rotary_embedding
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
 
     def num_tokens_held(self) -> int:
         return 0 if not self.is_initialized else self.sink_keys.shape[-2] + self.keys.shape[-2]
@@ -302,15 +260,14 @@ class SinkLayer(KVPolicyLayer):
             return self.sink_keys
         position_ids = torch.tensor([[shift]], device=self.sink_keys.device)
         cos, sin = self.rotary_embedding(self.sink_keys, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return self.sink_keys * cos + rotate_half(self.sink_keys) * sin
+        return self.sink_keys * cos.unsqueeze(1) + rotate_half(self.sink_keys) * sin.unsqueeze(1)
 
 
 class SelectiveLayer(KVPolicyLayer):
     """One layer of [`SelectiveKVCache`]: at most ``budget`` tokens per KV head, always the sink tokens first.
 
-    Kept tokens stay in stream order, each KV head choosing its own. ``scores`` holds the attention each kept
-    token has received so far, summed over queries and over the query heads that share the KV head.
+    Kept tokens stay in stream order, each KV head choosing its own. ``scores`` holds the attention each kept token
+    has received so far, summed over queries and over the query heads that share the KV head.
     """
 
     def __init__(self, budget: int, policy: str, num_sink_tokens: int):
@@ -323,10 +280,10 @@ class SelectiveLayer(KVPolicyLayer):
             self.state_names = ("keys", "values", "scores")
         self.awaiting_attention = False
 
-    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
-        if name == "scores":
-            return torch.zeros((*key_states.shape[:2], 0), dtype=torch.float32, device=key_states.device)
-        return super()._empty_state(name, key_states)
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        if self.uses_attention:
+            self.scores = torch.zeros((*key_states.shape[:2], 0), dtype=torch.float32, device=key_states.device)
 
     def get_max_length(self) -> int:
         return self.budget
@@ -401,9 +358,8 @@ class KVPolicyCache(Cache):
 class FullKVLayer(KVPolicyLayer):
     """One layer of [`FullKVCache`]: keys and values in buffers of ``capacity`` tokens, filled front to back.
 
-    ``update`` returns views of the filled part, so attention costs follow the real history rather than the
-    buffer, and a single query token needs no mask. A write past the capacity reallocates the buffers at twice the
-    size (a caller that knows its longest history, like the streaming engine, never pays for that).
+    ``update`` returns views of the filled part, so attention costs follow the real history, and a single query
+    needs no mask. A write past the capacity doubles the buffers (the streaming engine sizes them never to).
     """
 
     is_croppable = True
@@ -415,9 +371,11 @@ class FullKVLayer(KVPolicyLayer):
         self.capacity = capacity
         self.growable = True
 
-    def _empty_state(self, name: str, key_states: torch.Tensor) -> torch.Tensor:
-        batch, heads, _, head_dim = key_states.shape
-        return key_states.new_zeros((batch, heads, self.capacity, head_dim))
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self.values = torch.zeros_like(self.keys)
+        self.is_initialized = True
 
     def bind(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Makes caller-owned buffers (e.g. views of a slot pool) this layer's storage, which then cannot grow.
@@ -480,10 +438,8 @@ class FullKVCache(KVPolicyCache):
     """Every token at full precision, in buffers of ``capacity`` tokens per layer allocated up front.
 
     With ``dtype`` (and ``device``) the buffers are allocated at construction, so ``nbytes()`` is final before the
-    first token and a decode step never allocates; otherwise on the first ``update``. ``capacity`` defaults to the
+    first token and a decode step never allocates; otherwise at the first ``update``. ``capacity`` defaults to the
     context policy's window, the longest history a forecast conditions on; a longer stream doubles the buffers.
-    [`FullKVLayer.bind`] gives a layer storage it does not own instead, e.g. one slot of the streaming engine's
-    `SlotPool`; ``nbytes()`` then counts the bytes of the views it holds, and a write past them is an error.
 
     ```python
     >>> cache = FullKVCache(model.config, capacity=1024, dtype=torch.float32)
@@ -502,28 +458,24 @@ class FullKVCache(KVPolicyCache):
     ):
         config = _decoder_config(config)
         if capacity is None:
-            capacity = (context_policy or ContextPolicy.from_config(config)).window
+            capacity = _window(config, context_policy)
         super().__init__(layers=[FullKVLayer(capacity) for _ in range(config.num_hidden_layers)])
         if dtype is not None:
-            self.early_initialization(batch_size, config.num_key_value_heads, config.head_dim, dtype, torch.device(device))
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].capacity
+            heads, head_dim = config.num_key_value_heads, config.head_dim
+            self.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
 
 
 class PrefixedLayer(CacheLayerMixin):
     """A cache layer read behind a shared prefix layer: attention sees the prefix's keys and values, then its own.
 
-    Only the wrapped layer is written and counted in ``nbytes()``; the prefix is read by reference, so any number of
-    caches share one copy of it.
+    Only the wrapped layer is written and counted in ``nbytes()``; the prefix is read by reference.
     """
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self, prefix: FullKVLayer, layer: CacheLayerMixin):
-        # No CacheLayerMixin.__init__: this layer keeps no state of its own, the wrapped layer's is the state.
+        # No CacheLayerMixin.__init__: the wrapped layer's state is the only state.
         self.prefix, self.layer = prefix, layer
 
     @property
@@ -535,12 +487,8 @@ class PrefixedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = self.layer.update(key_states, value_states, *args, **kwargs)
-        prefix_keys, prefix_values = self.prefix.filled()
-        batch = keys.shape[0]
-        return (
-            torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=-2),
-            torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=-2),
-        )
+        prefix_keys, prefix_values = (state.expand(keys.shape[0], -1, -1, -1) for state in self.prefix.filled())
+        return torch.cat([prefix_keys, keys], dim=-2), torch.cat([prefix_values, values], dim=-2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The prefix fills positions 0..P-1 and the wrapped layer's tokens follow at their own offset.
@@ -564,9 +512,8 @@ class PrefixedLayer(CacheLayerMixin):
 
 
 class PrefixedCache(KVPolicyCache):
-    """``cache`` behind a shared ``prefix``: positions, masks and attention see prefix then cache; only ``cache``
-    is written, and ``nbytes()`` counts only ``cache``, so N sessions behind one prefix hold one prefix plus N
-    suffixes.
+    """``cache`` behind a shared ``prefix``: positions, masks and attention see prefix then cache; only ``cache`` is
+    written and counted in ``nbytes()``, so N sessions behind one prefix hold one prefix plus N suffixes.
 
     ```python
     >>> prefix = FullKVCache(model.config, capacity=len(index_ids), dtype=torch.float32)
@@ -583,7 +530,6 @@ class PrefixedCache(KVPolicyCache):
                 f"{type(cache).__name__} cannot sit behind a shared prefix: a sink cache bounds query-key distances, "
                 "which a prefix at fixed positions would break"
             )
-        self.prefix, self.cache = prefix, cache
         super().__init__(layers=[PrefixedLayer(p, layer) for p, layer in zip(prefix.layers, cache.layers)])
 
 
@@ -591,17 +537,12 @@ class QuantizedKVCache(KVPolicyCache):
     """KIVI-style quantized KV cache in pure torch: int8, or int4 packed two values per byte.
 
     Args:
-        config: the model config.
         bits (`int`): 8 or 4.
-        residual_length (`int`): the newest tokens kept in full precision; keys are quantized in blocks of this
-            many tokens, per channel.
-        value_group_size (`int`): values are quantized per token in groups of this many channels, taken across
-            the KV heads of the token. Capped at ``num_key_value_heads * head_dim``.
-
-    ```python
-    >>> cache = QuantizedKVCache(model.config, bits=4)
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=16)
-    ```"""
+        residual_length (`int`): the newest tokens kept in full precision; keys are quantized per channel in blocks
+            of this many tokens.
+        value_group_size (`int`): values are quantized per token in groups of this many channels, taken across the
+            KV heads of the token. Capped at ``num_key_value_heads * head_dim``.
+    """
 
     def __init__(self, config: PreTrainedConfig, bits: int = 8, residual_length: int = 128, value_group_size: int = 64):
         config = _decoder_config(config)
@@ -616,36 +557,23 @@ class QuantizedKVCache(KVPolicyCache):
                 f"value_group_size ({value_group_size}) must be even and divide num_key_value_heads * head_dim "
                 f"({channels})"
             )
-        self.bits = bits
         super().__init__(
             layers=[KIVILayer(bits, residual_length, value_group_size) for _ in range(config.num_hidden_layers)]
         )
 
 
 class SinkKVCache(KVPolicyCache):
-    """StreamingLLM attention-sink cache: keeps the first ``num_sink_tokens`` tokens and the newest ``window``.
+    """StreamingLLM attention-sink cache: the first ``num_sink_tokens`` tokens and the newest ``window``.
 
-    Memory is constant once ``num_sink_tokens + window`` tokens have been seen. Each query attends to the sinks,
-    the window and itself.
-
-    Positions: pass the default position ids (the count of tokens seen, which `generate` also uses). RoPE scores
-    depend only on query position minus key position, so the cache turns the sink keys forward by the number of
-    evicted tokens; every query then sees the sinks at the distances of the StreamingLLM layout (sinks directly
-    before the window) and the window at its true distances. No query-key distance ever exceeds
-    ``num_sink_tokens + window``, the range the model must have been trained on, however long the stream.
+    Memory is constant once ``num_sink_tokens + window`` tokens have been seen. Use the default position ids (the
+    count of tokens seen, as `generate` does): RoPE scores depend only on query minus key position, so turning the
+    sink keys forward by the number of evicted tokens shows every query the sinks directly before the window and
+    the window at its true distances. No distance then exceeds ``num_sink_tokens + window``, however long the
+    stream; by default that plus the query fills the context policy's (the checkpoint's trained) window.
 
     A multi-token update (a prefill, or a chunk of ticks) attends to everything kept plus the whole chunk, as the
     removed Transformers `SinkCache` did; feed one tick at a time for exact StreamingLLM behaviour.
-
-    ```python
-    By default the sinks, the window and the query together fill the context policy's window (the checkpoint's
-    trained window), so the attention span is the one the model was trained on.
-
-    ```python
-    >>> cache = SinkKVCache(model.config, num_sink_tokens=4)
-    >>> for tick in stream:
-    ...     logits = model(tick.view(1, 1), past_key_values=cache).logits
-    ```"""
+    """
 
     def __init__(
         self,
@@ -658,7 +586,7 @@ class SinkKVCache(KVPolicyCache):
         if num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
         if window is None:
-            window = (context_policy or ContextPolicy.from_config(config)).window - 1 - num_sink_tokens
+            window = _window(config, context_policy) - 1 - num_sink_tokens
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         rotary_embedding = LlamaRotaryEmbedding(config)
@@ -667,8 +595,6 @@ class SinkKVCache(KVPolicyCache):
             raise ValueError(
                 f"SinkKVCache re-rotates keys by position differences, which rope_type {rope_type!r} does not allow"
             )
-        self.num_sink_tokens = num_sink_tokens
-        self.window = window
         super().__init__(
             layers=[SinkLayer(num_sink_tokens, window, rotary_embedding) for _ in range(config.num_hidden_layers)]
         )
@@ -677,20 +603,13 @@ class SinkKVCache(KVPolicyCache):
 class SelectiveKVCache(KVPolicyCache):
     """A KV cache that never holds more than ``budget`` tokens per KV head, always keeping the sink tokens.
 
-    Policies for the tokens beyond the sinks:
-
-    - ``"h2o"``: the heavy hitters, the tokens that have received the most attention so far (H2O).
-    - ``"recency"``: the newest tokens.
-    - ``"hybrid"``: half the newest tokens, half heavy hitters among the older ones (H2O's own recipe).
-
-    Attention received is measured, not approximated: eager attention returns the weights of every forward pass,
-    and [`track_attention`] hooks the attention modules once to hand them to whichever `SelectiveKVCache` the
-    pass used. The cache evicts right after each layer's attention, so the budget holds between forward passes.
-    ``"recency"`` needs neither the hooks nor eager attention.
+    Policies for the tokens beyond the sinks: ``"h2o"`` keeps the heavy hitters (the most attention received so
+    far), ``"recency"`` the newest tokens, ``"hybrid"`` half of each (H2O's own recipe). Attention received is
+    measured: eager attention returns the weights, and [`track_attention`] hooks the attention modules to hand them
+    to the cache in use, which evicts right after each layer's attention. ``"recency"`` needs neither.
 
     Kept keys keep their original rotation, so a heavy hitter from far back is seen at its true distance; a stream
-    therefore rebases by the context policy as the full cache does. The default budget is a quarter of the
-    policy's window.
+    therefore rebases by the context policy as the full cache does. The default budget is a quarter of its window.
 
     ```python
     >>> model.set_attn_implementation("eager")
@@ -709,16 +628,13 @@ class SelectiveKVCache(KVPolicyCache):
     ):
         config = _decoder_config(config)
         if budget is None:
-            budget = (context_policy or ContextPolicy.from_config(config)).window // 4
+            budget = _window(config, context_policy) // 4
         if policy not in SELECTIVE_POLICIES:
             raise ValueError(f"policy must be one of {SELECTIVE_POLICIES}, got {policy!r}")
         if num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be non-negative, got {num_sink_tokens}")
         if budget <= num_sink_tokens:
             raise ValueError(f"budget ({budget}) must exceed num_sink_tokens ({num_sink_tokens})")
-        self.budget = budget
-        self.policy = policy
-        self.num_sink_tokens = num_sink_tokens
         super().__init__(
             layers=[SelectiveLayer(budget, policy, num_sink_tokens) for _ in range(config.num_hidden_layers)]
         )

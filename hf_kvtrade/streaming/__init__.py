@@ -1,12 +1,9 @@
 """Streaming forecasts: one KV-cached session per symbol, one new token per bar, a forecast for every tick.
 
-- :mod:`.engine`: :class:`StreamingForecaster`, bars in and :class:`TickForecast` out, following the checkpoint's
-  context policy.
-- :mod:`.sessions`: the per-symbol sessions and the memory budget their caches share (LRU eviction).
-- :mod:`.decoder`: prefill, and the batched one-token decode step of the ``full`` policy.
-- :mod:`.slots`: the slot pool that holds the ``full`` policy's sessions' keys and values, one tensor per layer.
+:mod:`.engine` (:class:`StreamingForecaster`), :mod:`.sessions` (sessions and their memory budget), :mod:`.decoder`
+(prefill and the batched decode step), :mod:`.slots` (the ``full`` policy's slot pool), :mod:`.summary`.
 """
 
-from .engine import BOUNDED_POLICIES, StreamingForecaster, TickForecast
+from .engine import StreamingForecaster, TickForecast
 
-__all__ = ["BOUNDED_POLICIES", "StreamingForecaster", "TickForecast"]
+__all__ = ["StreamingForecaster", "TickForecast"]

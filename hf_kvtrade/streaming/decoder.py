@@ -1,23 +1,12 @@
 """The engine's model runner: chunked prefill through ``model.forward``, and one decode step for N sessions at once.
 
-The decode step runs the model's own modules (Llama names: ``embed_tokens``, ``rotary_emb``, ``input_layernorm``,
-``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``)
-for one new token per session, skipping the per-call mask and output bookkeeping of ``model.forward`` that
-dominates a one-token step on a CPU. The query, key and value projections are fused into one matrix per layer,
-and the gate and up projections into another, at construction: the model's own weights are not touched.
-
-N sessions of different lengths decode together in a padded layout: row ``r`` holds the shared prefix, then the
-session's cached tokens and its new token, then padding; its query sits at its own position, and a boolean mask
-hides the padding. Attention is SDPA over the KV heads, each KV head's query heads laid out as its query rows (one
-token per row, all at the same position), so no key or value is repeated: on this project's CPU that measured
-about 1.4x faster than SDPA's ``enable_gqa`` (1.7 vs 2.3 ms for 64 rows of 520 tokens, 17 vs 28 us for one row).
-One session needs no padding and no mask: attention reads its cache's buffers in place. Sessions whose caches are
-slots of a :class:`~hf_kvtrade.streaming.slots.SlotPool` need no copies either: each layer writes all rows' new keys
-and values with one indexed write and attends over the pool's rows (a view when the slots are one ascending run).
-For 64 sessions of 257-511 tokens that took a step from 25 to 17 ms (6.0x the throughput of sequential updates,
-from 4.7x); SDPA is now half of it (docs/streaming.md, "Batched decode").
-Other sessions (behind a shared market prefix) have each row's history copied into a padded workspace every layer,
-a cost beside attention's own read of it.
+The step runs the model's own Llama-layout modules for one token per session, skipping ``model.forward``'s per-call
+mask and output bookkeeping, which dominates a one-token step on a CPU; q/k/v and gate/up projections are fused into
+copies (the model's weights are untouched). Rows of different lengths are padded and masked. Attention is SDPA over
+the KV heads, each KV head's query heads laid out as its query rows, so no key or value is repeated (about 1.4x
+faster than ``enable_gqa`` here). One session attends to its buffers in place; rows in a
+:class:`~hf_kvtrade.streaming.slots.SlotPool` are written with one indexed write per layer and read as a view or one
+gather; rows behind a market prefix are copied into a padded workspace. Measurements: docs/streaming.md.
 """
 
 from __future__ import annotations
@@ -31,12 +20,8 @@ from .slots import SlotPool
 
 
 class BatchedDecoder:
-    """Prefill and batched one-token decode over :class:`~hf_kvtrade.cache.FullKVCache` sessions.
-
-    Args:
-        model: a Llama-layout causal LM in eval mode.
-        prefill_chunk: tokens per forward pass when filling a cache, which bounds prefill memory.
-    """
+    """Prefill and batched one-token decode of a Llama-layout causal LM in eval mode over ``FullKVCache`` sessions;
+    ``prefill_chunk`` tokens per forward pass bound prefill memory."""
 
     def __init__(self, model, prefill_chunk: int = 1024):
         if prefill_chunk < 1:
@@ -51,9 +36,11 @@ class BatchedDecoder:
         self.scaling = self.head_dim**-0.5
         self.layers = list(model.model.layers[: self.config.num_hidden_layers])
         with torch.no_grad():
-            self.qkv = [_fuse(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in self.layers]
+            attentions = [layer.self_attn for layer in self.layers]
+            self.qkv = [_fuse(attention.q_proj, attention.k_proj, attention.v_proj) for attention in attentions]
             self.gate_up = [_fuse(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers]
-        self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        kv_width = self.num_kv_heads * self.head_dim
+        self.split = (self.num_heads * self.head_dim, kv_width, kv_width)
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -83,12 +70,9 @@ class BatchedDecoder:
         prefix: FullKVCache | None = None,
         pool: SlotPool | None = None,
     ) -> torch.Tensor:
-        """Appends ``token_ids[r]`` to ``caches[r]`` for every row ``r`` in one batched pass; returns the next-token
-        logits, shape ``(len(caches), vocab_size)``. Each cache's tokens follow the shared ``prefix``, if any.
-
-        With a ``pool`` and no prefix, every cache must hold a slot of the pool, and rows read and write the pool
-        directly; otherwise each row's history is copied into a padded workspace.
-        """
+        """Appends ``token_ids[r]`` to ``caches[r]``, after the shared ``prefix`` if any, for every row ``r`` in one
+        pass; returns the ``(rows, vocab_size)`` next-token logits. With a ``pool`` and no prefix, every cache must
+        hold a slot of the pool, which rows read and write directly."""
         rows = len(caches)
         prefix_length = 0 if prefix is None else prefix.get_seq_length()
         lengths = [cache.get_seq_length() for cache in caches]
@@ -98,9 +82,8 @@ class BatchedDecoder:
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads and query rows: (rows, 1, 1, head_dim)
         padded_length = prefix_length + max(lengths) + 1
         mask = None
-        if rows > 1:
-            visible = prefix_length + torch.tensor(lengths, device=self.device) + 1
-            mask = (torch.arange(padded_length, device=self.device)[None] < visible[:, None])[:, None, None]
+        if rows > 1:  # row r sees keys 0..positions[r]
+            mask = (torch.arange(padded_length, device=self.device) <= positions[:, None])[:, None, None]
         pooled = pool is not None and prefix is None and rows > 1
         if pooled:
             slots = pool.slots_of(caches)
@@ -142,11 +125,9 @@ class BatchedDecoder:
         return self.model.lm_head(self.model.model.norm(hidden))[:, 0]
 
     def _padded(self, index, key, value, caches, prefix, padded_length):
-        """Writes each row's new K/V into its cache and lays prefix + cache out in the padded batch.
-
-        The batch lives in one workspace reused by every layer and step. Its padding keeps whatever an earlier
-        layer left there (finite keys and values, zeros at first): the mask gives it zero weight either way.
-        """
+        """Writes each row's new K/V into its cache and lays prefix + cache out in the padded batch, in one workspace
+        reused by every layer and step; its padding keeps whatever an earlier layer left there (finite, or zeros),
+        to which the mask gives zero weight."""
         rows = len(caches)
         shape = (rows, self.num_kv_heads, padded_length, self.head_dim)
         if self._workspace is None or any(need > have for need, have in zip(shape, self._workspace[0].shape)):

@@ -1,18 +1,10 @@
 """The streaming engine: bars in, forecasts out, one KV-cached session per symbol and one token of compute per tick.
 
-Which tokens a session conditions on is the checkpoint's :class:`~hf_kvtrade.context.ContextPolicy`, the rule
-``Forecaster`` and the vLLM clients follow too: between rebases a tick appends one token to the cache, and when the
-policy's anchor moves the cache is rebuilt from the new anchor. A session therefore gives, at every bar, the
-forecast a stateless ``Forecaster`` gives for the same prices. Only the ``sink`` cache departs from it on purpose:
-it is the alternative for endless streams without rebase ticks, sized so that no query-key distance exceeds the
-policy's window.
-
-The ``full`` policy decodes through :class:`~hf_kvtrade.streaming.decoder.BatchedDecoder` (all sessions of an
-``update_many`` call in one pass), its sessions' keys and values in the slots of one
-:class:`~hf_kvtrade.streaming.slots.SlotPool` (sessions behind a market prefix keep caches of their own); the other
-policies (``int8``, ``int4``, ``sink``, ``selective``) step each session through ``model.forward`` with the caches
-of ``hf_kvtrade.cache``. Sessions and the memory budget live in
-:class:`~hf_kvtrade.streaming.sessions.SessionStore`.
+Sessions follow the checkpoint's :class:`~hf_kvtrade.context.ContextPolicy` like ``Forecaster`` and the vLLM clients:
+a tick appends one token, and when the policy's anchor moves the cache is rebuilt from it, so every forecast equals
+a stateless ``Forecaster``'s. Only ``sink`` departs on purpose: it never rebases, and bounds distances instead. The
+``full`` policy decodes all sessions of a step in one pass (:mod:`.decoder`, keys and values in a :mod:`.slots`
+pool); the others step each session through ``model.forward``. Design and measurements: docs/streaming.md.
 """
 
 from __future__ import annotations
@@ -38,9 +30,6 @@ from .decoder import BatchedDecoder
 from .sessions import Session, SessionStore
 from .slots import SlotPool
 from .summary import ForecastSummarizer
-
-# Caches that bound their own query-key distances, so a session runs over an endless stream without rebasing.
-BOUNDED_POLICIES = ("sink",)
 
 
 @dataclass
@@ -121,13 +110,11 @@ class StreamingForecaster:
         self._symbol_policy = self.context_policy
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        pool = None
-        if cache_policy == "full":
-            pool = SlotPool(self.config, self.context_policy.window, self.dtype, self.device)
+        full = cache_policy == "full"
+        pool = SlotPool(self.config, self.context_policy.window, self.dtype, self.device) if full else None
         self.sessions = SessionStore(memory_budget_bytes, pool)
         self.decoder = BatchedDecoder(self.model, prefill_chunk)
-        self.quantiles = tuple(quantiles)
-        self.summarize = ForecastSummarizer(self.tokenizer, self.quantiles)
+        self.summarize = ForecastSummarizer(self.tokenizer, quantiles)
         self.signal_rule = signal_rule or SignalRule()
         self.cache_kwargs = dict(cache_kwargs or {})
         if cache_policy in ("sink", "selective"):
@@ -144,10 +131,6 @@ class StreamingForecaster:
         self.prefills = 0
 
     @property
-    def memory_budget_bytes(self) -> int | None:
-        return self.sessions.budget_bytes
-
-    @property
     def evictions(self) -> int:
         return self.sessions.evictions
 
@@ -155,20 +138,16 @@ class StreamingForecaster:
     def peak_cache_bytes(self) -> int:
         return self.sessions.peak_cache_bytes
 
-    # ------------------------------------------------------------------------------------------- market prefix
     @torch.inference_mode()
     def set_market_context(self, prices) -> None:
         """Computes the cache of a market-wide series (e.g. an index) once; every new session reads it by reference.
-
-        Memory is one prefix plus each session's own tokens. Sessions that already exist keep the context they
-        started with until they are rebuilt.
-        """
+        Sessions that already exist keep their context until they are rebuilt."""
         if self._scores_attention:
             raise ValueError(
                 "a shared market context cannot seed a selective cache that ranks tokens by attention: the shared "
                 "prefix has no attention history; use policy='recency' or another cache policy"
             )
-        if self.cache_policy in BOUNDED_POLICIES:
+        if self.cache_policy == "sink":
             raise ValueError(
                 f"cache policy {self.cache_policy!r} bounds query-key distances, which a prefix at fixed positions "
                 "would break; use another cache policy with a market context"
@@ -189,7 +168,6 @@ class StreamingForecaster:
     def prefix_length(self) -> int:
         return len(self._prefix_ids)
 
-    # ------------------------------------------------------------------------------------------------- ticks
     def update(self, symbol: str, bar) -> TickForecast:
         """Appends ``bar`` (a price, or a mapping / object with ``close`` and optional ``timestamp``) to the
         session of ``symbol`` and returns the forecast of the next bar."""
@@ -197,23 +175,17 @@ class StreamingForecaster:
 
     @torch.inference_mode()
     def update_many(self, bars: Mapping[str, Any]) -> dict[str, TickForecast]:
-        """Appends one bar to each symbol's session and advances them all in one batched decode step.
-
-        The forecasts equal those of one ``update`` per symbol. Sessions that need a prefill (new, evicted, or at a
-        rebase of the context policy) get it first; the rest share the decode step. Every tick's ``latency_ms`` is
-        the time of the whole call, when its forecast became available.
-        """
+        """Appends one bar to each symbol's session and advances them all in one batched decode step, with the
+        forecasts of one ``update`` per symbol. Sessions that are new, evicted or at a rebase are prefilled instead.
+        Every tick's ``latency_ms`` is the time of the whole call, when its forecast became available."""
         started = time.perf_counter()
         if not bars:
             raise ValueError("update_many needs at least one bar")
         parsed = {symbol: _parse_bar(bar) for symbol, bar in bars.items()}
         for symbol, (_, timestamp) in parsed.items():
-            session = self.sessions.get(symbol)
-            if timestamp is not None and session is not None and session.last_timestamp is not None:
-                if not timestamp > session.last_timestamp:
-                    raise ValueError(
-                        f"bar for {symbol!r} at {timestamp} is not after the previous bar at {session.last_timestamp}"
-                    )
+            last = getattr(self.sessions.get(symbol), "last_timestamp", None)
+            if timestamp is not None and last is not None and not timestamp > last:
+                raise ValueError(f"bar for {symbol!r} at {timestamp} is not after the previous bar at {last}")
         batch = list(parsed)
         sessions = {symbol: self.sessions.open(symbol) for symbol in batch}
         # One tokenizer call for the whole batch: per symbol, its cost rivals a batched step's share.
@@ -233,22 +205,16 @@ class StreamingForecaster:
             if symbol not in stepping:
                 self._rebuild(self.sessions[symbol], keep=batch)
         if stepping:
-            self._step(stepping, keep=batch)
+            self._step(stepping)
         self.sessions.enforce(self._growth_headroom(), keep=batch)
-        ticks = self._ticks(batch, latency_ms=0.0)
-        latency_ms = (time.perf_counter() - started) * 1e3
-        for tick in ticks.values():
-            tick.latency_ms = latency_ms
-        self._latencies_ms.extend([latency_ms] * len(ticks))
+        ticks = self._ticks(batch, started)
+        self._latencies_ms.extend(tick.latency_ms for tick in ticks.values())
         return ticks
 
     @torch.inference_mode()
     def prime(self, symbol: str, prices, timestamps=None) -> TickForecast:
-        """Starts the session of ``symbol`` from a history of prices in one prefill (e.g. before going live).
-
-        The context follows the policy, so the forecast equals what bar-by-bar ``update`` calls over the same
-        prices give at the end, and what ``Forecaster.predict`` gives for them.
-        """
+        """Starts the session of ``symbol`` from a history of prices in one prefill (e.g. before going live), with
+        the forecast bar-by-bar ``update`` calls (and ``Forecaster.predict``) give for the same prices."""
         if symbol in self.sessions:
             raise ValueError(f"symbol {symbol!r} already has a session; prime only new symbols")
         started = time.perf_counter()
@@ -259,7 +225,7 @@ class StreamingForecaster:
         self.sessions.open(symbol, session)
         self._rebuild(session, keep=(symbol,))
         self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
-        return self._timed_tick(symbol, started)
+        return self._ticks([symbol], started)[symbol]
 
     @torch.inference_mode()
     def forecast(self, symbol: str) -> TickForecast:
@@ -272,36 +238,34 @@ class StreamingForecaster:
         if session.cache is None:
             self._rebuild(session, keep=(symbol,))
             self.sessions.enforce(self._growth_headroom(), keep=(symbol,))
-        return self._timed_tick(symbol, started)
+        return self._ticks([symbol], started)[symbol]
 
-    def _timed_tick(self, symbol: str, started: float) -> TickForecast:
-        tick = self._ticks([symbol], latency_ms=0.0)[symbol]
-        tick.latency_ms = (time.perf_counter() - started) * 1e3
-        return tick
-
-    def _ticks(self, symbols: list[str], latency_ms: float) -> dict[str, TickForecast]:
-        """The forecasts after each symbol's latest bar, summarised together."""
+    def _ticks(self, symbols: list[str], started: float) -> dict[str, TickForecast]:
+        """The forecasts after each symbol's latest bar, summarised together, each with the latency since
+        ``started``: when its forecast became available."""
         sessions = [self.sessions[symbol] for symbol in symbols]
         logits = torch.stack([session.last_logits for session in sessions])
         forecasts = self.summarize(logits, [session.last_price for session in sessions])
-        return {
+        ticks = {
             symbol: TickForecast(
                 symbol=symbol,
                 timestamp=session.last_timestamp,
                 forecast=forecast,
                 signal=self.signal_rule(forecast),
-                latency_ms=latency_ms,
+                latency_ms=0.0,
                 context_tokens=self.prefix_length + session.tokens_in_cache,
             )
             for symbol, session, forecast in zip(symbols, sessions, forecasts)
         }
+        latency_ms = (time.perf_counter() - started) * 1e3
+        for tick in ticks.values():
+            tick.latency_ms = latency_ms
+        return ticks
 
-    # ------------------------------------------------------------------------------------ cache construction
     def _anchor_of(self, session: Session) -> int:
-        """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache."""
-        if self.cache_policy in BOUNDED_POLICIES:
-            return 0
-        return self._symbol_policy.start(len(session.token_ids))
+        """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache, which bounds
+        its own query-key distances over an endless stream."""
+        return 0 if self.cache_policy == "sink" else self._symbol_policy.start(len(session.token_ids))
 
     def _rebuild(self, session: Session, keep: Collection[str]) -> None:
         """(Re-)prefills the session's context behind the shared prefix and keeps its last logits."""
@@ -326,8 +290,7 @@ class StreamingForecaster:
 
     @property
     def _pooled(self) -> bool:
-        """Whether new sessions take a slot of the pool: full caches without a market prefix, whose window (the
-        slots' capacity) is the engine's policy's own."""
+        # Full caches behind a market prefix have a shorter window than the slots: they get caches of their own.
         return self.sessions.pool is not None and self._prefix_cache is None
 
     def _new_cache(self) -> Cache:
@@ -339,18 +302,15 @@ class StreamingForecaster:
         """Upper bound on a new session's bytes: what it allocates (full), else its tokens at full precision."""
         if self.cache_policy == "full":
             return kv_cache_bytes(self.config, self._symbol_policy.window, self.dtype)
-        tokens = num_tokens + 1
-        most_held = self._new_cache().get_max_length()
-        if most_held > 0:
-            tokens = min(tokens, most_held + 1)
-        return kv_cache_bytes(self.config, tokens, self.dtype)
+        most_held = self._new_cache().get_max_length()  # -1: no bound
+        tokens = min(num_tokens, most_held) if most_held > 0 else num_tokens
+        return kv_cache_bytes(self.config, tokens + 1, self.dtype)
 
     def _growth_headroom(self) -> int:
         """Room a growing cache (quantized, selective) needs for its next token; a full cache never grows."""
         return 0 if self.cache_policy == "full" else kv_cache_bytes(self.config, 1, self.dtype)
 
-    # ------------------------------------------------------------------------------------------ decode steps
-    def _step(self, token_ids: Mapping[str, int], keep: Collection[str]) -> None:
+    def _step(self, token_ids: Mapping[str, int]) -> None:
         """One new token for each session of ``token_ids``: one batched pass (full), else one forward each."""
         sessions = [self.sessions[symbol] for symbol in token_ids]
         if self.cache_policy == "full":
@@ -360,17 +320,11 @@ class StreamingForecaster:
                 session.last_logits = row
         else:
             for session, token_id in zip(sessions, token_ids.values()):
-                # Positions come from the cache's count of tokens seen, which is what sink caches re-rotate against.
-                output = self.model(
-                    input_ids=torch.tensor([[token_id]], device=self.device),
-                    past_key_values=session.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                session.last_logits = output.logits[0, -1]
+                # At the cache's count of tokens seen (prefix included), which is what sink caches re-rotate against.
+                position = session.cache.get_seq_length()
+                session.last_logits = self.decoder.prefill([token_id], session.cache, start_position=position)
         self.tokens_computed += len(sessions)
 
-    # ------------------------------------------------------------------------------------------ memory budget
     def session_bytes(self, symbol: str) -> int:
         return self.sessions.session_bytes(symbol)
 
@@ -389,10 +343,6 @@ class StreamingForecaster:
     def is_resident(self, symbol: str) -> bool:
         return symbol in self.sessions and self.sessions[symbol].cache is not None
 
-    @property
-    def symbols(self) -> list[str]:
-        return self.sessions.symbols
-
     def history(self, symbol: str) -> list[int]:
         """Every token id the symbol has produced (what an evicted session is re-prefilled from)."""
         return list(self.sessions[symbol].token_ids) if symbol in self.sessions else []
@@ -403,7 +353,6 @@ class StreamingForecaster:
         anchor = session.anchor if session.cache is not None else self._anchor_of(session)
         return self._prefix_ids + session.token_ids[anchor:]
 
-    # ------------------------------------------------------------------------------------------------- stats
     def latency_stats(self) -> dict[str, float]:
         """Per-tick latency percentiles (milliseconds) over the most recent ticks, and cache sizes in bytes."""
         latencies = np.asarray(self._latencies_ms)
@@ -417,15 +366,12 @@ class StreamingForecaster:
     def latencies_ms(self) -> np.ndarray:
         return np.asarray(self._latencies_ms)
 
-    # ------------------------------------------------------------------------------------------------ asyncio
     async def consume(
         self, feeds: Mapping[str, asyncio.Queue], signals: asyncio.Queue | None = None
     ) -> list[TickForecast]:
-        """Consumes one queue of bars per symbol until each yields ``None``; emits every tick to ``signals``.
-
-        The model step is short and the engine is not thread-safe, so ticks run on the event loop one at a time;
-        the loop gets control back between ticks. Returns the ticks in the order they were computed.
-        """
+        """Consumes one queue of bars per symbol until each yields ``None``; emits every tick to ``signals`` and
+        returns them in the order computed. Ticks run on the event loop one at a time (the engine is not
+        thread-safe, and a step is short); the loop gets control back between ticks."""
         ticks: list[TickForecast] = []
 
         async def follow(symbol: str, queue: asyncio.Queue) -> None:
@@ -458,4 +404,4 @@ def _parse_bar(bar) -> tuple[float, Any]:
     return price, timestamp
 
 
-__all__ = ["BOUNDED_POLICIES", "StreamingForecaster", "TickForecast"]
+__all__ = ["StreamingForecaster", "TickForecast"]

@@ -1,12 +1,9 @@
 """Per-symbol sessions and the memory budget their caches share, with least-recently-used eviction.
 
-A session keeps its symbol's whole token history and, while resident, a KV cache of its current context. The
-store counts bytes with the caches' own ``nbytes()`` (and the shared prefix once, which sessions read by reference),
-so what the budget checks is what the caches hold. Sessions whose caches are slots of a
-:class:`~hf_kvtrade.streaming.slots.SlotPool` are counted through the pool instead: its allocated slots times the
-bytes of one slot, free slots included, because the pool keeps them. Evicting a session drops its cache (a pooled
-one frees its slot for the next session) and keeps its history, from which the engine re-prefills it when the
-symbol returns.
+A session keeps its symbol's whole token history and, while resident, a KV cache of its current context. Bytes are
+the caches' own ``nbytes()``, the shared prefix once, and a :class:`~hf_kvtrade.streaming.slots.SlotPool` as a whole
+(free slots included: the pool keeps them). Evicting drops a cache (freeing its slot) and keeps the history, from
+which the engine re-prefills the session when its symbol returns.
 """
 
 from __future__ import annotations
@@ -37,15 +34,12 @@ class Session:
         return 0 if self.cache is None else len(self.token_ids) - self.anchor
 
 
-class SessionStore:
-    """Sessions by symbol, least recently used first, under ``budget_bytes`` for all caches together.
-
-    Args:
-        budget_bytes: cap on the bytes of every resident cache plus the shared prefix; None for no cap.
-        pool: the slot pool that pooled sessions' caches live in, counted as a whole.
-    """
+class SessionStore(OrderedDict[str, Session]):
+    """Sessions by symbol, least recently used first, under ``budget_bytes`` (None: no cap) for every resident cache
+    plus the shared prefix; ``pool`` holds the pooled sessions' caches."""
 
     def __init__(self, budget_bytes: int | None = None, pool: SlotPool | None = None):
+        super().__init__()
         if budget_bytes is not None and budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -53,40 +47,24 @@ class SessionStore:
         self.evictions = 0
         self.peak_cache_bytes = 0
         self.pool = pool
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
-
-    def __contains__(self, symbol: str) -> bool:
-        return symbol in self._sessions
-
-    def __getitem__(self, symbol: str) -> Session:
-        return self._sessions[symbol]
-
-    def get(self, symbol: str) -> Session | None:
-        return self._sessions.get(symbol)
 
     def open(self, symbol: str, session: Session | None = None) -> Session:
         """The session of ``symbol`` (a new one when it has none), marked most recently used."""
-        if symbol not in self._sessions:
-            self._sessions[symbol] = session or Session()
-        self._sessions.move_to_end(symbol)
-        return self._sessions[symbol]
+        if symbol not in self:
+            self[symbol] = session or Session()
+        self.move_to_end(symbol)
+        return self[symbol]
 
-    @property
-    def symbols(self) -> list[str]:
-        return list(self._sessions)
-
-    # ----------------------------------------------------------------------------------------------- bytes
     def session_bytes(self, symbol: str) -> int:
-        session = self._sessions.get(symbol)
+        session = self.get(symbol)
         return 0 if session is None or session.cache is None else int(session.cache.nbytes())
 
     def cache_bytes(self) -> int:
-        """Bytes of all live caches: the shared prefix once, the slot pool's allocation, and every other resident
-        session's own cache."""
+        """Bytes of all live caches: the shared prefix once, the slot pool, and every other resident cache."""
         pooled = 0 if self.pool is None else self.pool.nbytes()
         return self.prefix_bytes + pooled + sum(
             self.session_bytes(symbol)
-            for symbol, session in self._sessions.items()
+            for symbol, session in self.items()
             if not (self.pool is not None and self.pool.owns(session.cache))
         )
 
@@ -135,9 +113,9 @@ class SessionStore:
 
     def evict(self, symbol: str) -> None:
         """Drops the cache of ``symbol``; its history stays."""
-        if symbol not in self._sessions:
+        if symbol not in self:
             raise ValueError(f"unknown symbol {symbol!r}")
-        session = self._sessions[symbol]
+        session = self[symbol]
         if session.cache is not None:
             self.drop_cache(session)
             self.evictions += 1
@@ -149,7 +127,7 @@ class SessionStore:
         session.cache = None
 
     def _evict_least_recent(self, keep: Collection[str]) -> bool:
-        for symbol, session in self._sessions.items():
+        for symbol, session in self.items():
             if symbol not in keep and session.cache is not None:
                 self.evict(symbol)
                 return True

@@ -1,14 +1,11 @@
 """The full-precision K/V of many sessions in one tensor per layer, one row (slot) per session.
 
-Each layer's keys and values are ``(slots, kv_heads, capacity, head_dim)`` tensors; a session's
-:class:`~hf_kvtrade.cache.FullKVCache` is bound to views of its slot, so ``model.forward`` prefills into the pool
-and a one-session step appends to it as to any cache. A batched decode step writes every row's new key and value
-with one indexed write per layer and attends over ``keys[slots, :, :longest]``: a view when the rows' slots are one
-ascending run, one gather otherwise, and no per-row work either way.
-
-The pool owns its memory: it counts ``slots x slot_bytes`` whether a slot is in use or free. Releasing a slot (an
-evicted session) keeps it for the next session; when every slot is taken the pool grows, by doubling unless told
-fewer, and binds the live caches to the new tensors.
+Each layer's keys and values are ``(slots, kv_heads, capacity, head_dim)`` tensors, and a session's
+:class:`~hf_kvtrade.cache.FullKVCache` is bound to views of its slot, so ``model.forward`` prefills into the pool.
+A batched decode step writes all rows' new keys and values with one indexed write per layer and reads
+``keys[slots, :, :longest]`` (a view when the slots are one ascending run, else one gather): no per-row work. The
+pool counts every slot it allocated, in use or free; a released slot waits for the next session, and when every slot
+is taken the pool grows, doubling unless told fewer, and re-binds the live caches.
 """
 
 from __future__ import annotations
@@ -20,14 +17,8 @@ from ..cache import FullKVCache, kv_cache_bytes
 
 
 class SlotPool:
-    """Slots of ``capacity`` tokens for :class:`~hf_kvtrade.cache.FullKVCache` sessions.
-
-    Args:
-        config: the model's config (layers, KV heads, head size).
-        capacity: tokens per slot; the context policy's window, which no session's cache exceeds.
-        dtype: dtype of the keys and values.
-        device: where the pool lives.
-    """
+    """Slots of ``capacity`` tokens (the context policy's window, which no session's cache exceeds) for the
+    :class:`~hf_kvtrade.cache.FullKVCache` sessions of a model with ``config``."""
 
     def __init__(self, config: PreTrainedConfig, capacity: int, dtype: torch.dtype, device: torch.device | str):
         if capacity < 1:
@@ -46,7 +37,6 @@ class SlotPool:
         return len(self._caches)
 
     def nbytes(self) -> int:
-        """Bytes the pool allocated: every slot, in use or free."""
         return self.slots * self.slot_bytes
 
     def has_free_slot(self) -> bool:

@@ -1,9 +1,8 @@
 """The forecasts of a batch of next-token logits, summarised once in torch for every row.
 
-The maths is :class:`~hf_kvtrade.distribution.BinnedDistribution`'s (mass uniform inside each bin, so a piecewise
-linear CDF and exact quantiles), done for all rows of a decode step in a handful of float64 tensor ops instead of
-numpy calls per tick. The results are the same ``Forecast`` objects, each carrying its ``BinnedDistribution`` for
-the callers that want densities, CRPS or samples. (``distribution.py`` stays torch-free for the HTTP client.)
+:class:`~hf_kvtrade.distribution.BinnedDistribution`'s maths (mass uniform in each bin: a piecewise linear CDF, exact
+quantiles) in a handful of float64 tensor ops for all rows of a step, instead of numpy calls per tick; each
+``Forecast`` still carries its ``BinnedDistribution``. (``distribution.py`` stays torch-free for the HTTP client.)
 """
 
 from __future__ import annotations
@@ -15,12 +14,8 @@ from ..distribution import BinnedDistribution, Forecast
 
 
 class ForecastSummarizer:
-    """Turns ``(rows, vocab_size)`` logits into one ``Forecast`` per row: distribution, quantiles, P(up), mean.
-
-    Args:
-        tokenizer: the ``ReturnTokenizer`` whose bins the logits score.
-        quantiles: the quantile levels every forecast reports.
-    """
+    """Turns ``(rows, vocab_size)`` logits over the bins of ``tokenizer`` into one ``Forecast`` per row, with the
+    ``quantiles`` levels, P(up), the mean and the distribution."""
 
     def __init__(self, tokenizer, quantiles):
         levels = np.asarray(quantiles, dtype=np.float64)
