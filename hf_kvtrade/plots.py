@@ -5,8 +5,6 @@ Every function writes one file with matplotlib's Agg backend (no display needed)
 
 from __future__ import annotations
 
-import os
-
 import empyrical
 import matplotlib
 
@@ -16,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _save(figure, path: str | os.PathLike) -> str:
+def _save(figure, path) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -61,18 +59,21 @@ def plot_latency_histogram(latencies_ms: np.ndarray, path, title: str = "per-tic
     return _save(figure, path)
 
 
-def plot_calibration(pit: np.ndarray, prob_up: np.ndarray, went_up: np.ndarray, path, title: str) -> str:
-    """Left: PIT histogram (flat when calibrated). Right: observed frequency of up moves per bin of P(up)."""
+def plot_calibration(forecasts: pd.DataFrame, path, title: str) -> str:
+    """Left: PIT histogram (flat when calibrated). Right: observed frequency of up moves per decile of P(up).
+
+    ``forecasts`` has a row per scored forecast: its ``pit``, its ``prob_up`` and whether the price ``went_up``.
+    """
     figure, (pit_axis, reliability_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    pit_axis.hist(pit, bins=20, range=(0, 1), density=True, color="tab:green")
+    pit_axis.hist(forecasts.pit.to_numpy(), bins=20, range=(0, 1), density=True, color="tab:green")
     pit_axis.axhline(1.0, color="black", linewidth=1)
     pit_axis.set_title("PIT of realised returns")
     pit_axis.set_xlabel("forecast CDF at the outcome")
 
-    edges = np.quantile(prob_up, np.linspace(0, 1, 11))
-    groups = np.clip(np.searchsorted(edges, prob_up, side="right") - 1, 0, 9)
-    predicted = [prob_up[groups == g].mean() for g in range(10) if np.any(groups == g)]
-    observed = [went_up[groups == g].mean() for g in range(10) if np.any(groups == g)]
+    edges = np.quantile(forecasts.prob_up, np.linspace(0, 1, 11))
+    deciles = np.clip(np.searchsorted(edges, forecasts.prob_up, side="right") - 1, 0, 9)
+    means = forecasts.groupby(deciles)[["prob_up", "went_up"]].mean()
+    predicted, observed = means.prob_up.tolist(), means.went_up.tolist()
     reliability_axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     reliability_axis.plot(predicted, observed, marker="o")
     low, high = min(predicted + observed), max(predicted + observed)
