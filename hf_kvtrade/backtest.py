@@ -138,7 +138,7 @@ def forecast_quality(forecasts: pd.DataFrame) -> dict[str, float]:
     scored = forecasts.dropna(subset=["pit"])
     ks = stats.kstest(scored.pit.to_numpy(), "uniform")
     return {
-        "forecasts": int(len(scored)),
+        "forecasts": len(scored),
         "mean_crps": float(scored.crps.mean()),
         "pit_ks_statistic": float(ks.statistic),
         "pit_ks_pvalue": float(ks.pvalue),
@@ -157,7 +157,7 @@ def _trade(positions: dict, asset_returns, transaction_cost: float, test) -> dic
         "annualization": annualization,
         "test_start": str(test.index[0]),
         "test_end": str(test.index[-1]),
-        "bars": int(len(asset_returns)),
+        "bars": len(asset_returns),
     }
 
 
@@ -301,11 +301,6 @@ def run_backtest(
         "plots": [],
     }
 
-    def plot_books(books: dict, stem: str, title: str, drawdown_title: str) -> None:
-        net = {strategy: book["net"] for strategy, book in books.items()}
-        report["plots"].append(plots.plot_equity_curves(net, out_dir / f"equity_{stem}.png", title))
-        report["plots"].append(plots.plot_drawdowns(net, out_dir / f"drawdown_{stem}.png", drawdown_title))
-
     with tqdm(total=total_ticks, desc="backtest", unit="tick") as progress:
         for name in series:
             result = backtest_series(engine, name, closes[name], starts[name], rule, vol_rule, warmup, progress)
@@ -313,7 +308,7 @@ def run_backtest(
                 key: result[key]
                 for key in ("test_start", "test_end", "bars", "annualization", "vol_target", "metrics", "quality")
             }
-            plot_books(result["books"], name, name, f"{name} drawdowns")
+            report["plots"] += plots.plot_books(result["books"], out_dir, name, name, f"{name} drawdowns")
             scored = result["forecasts"].dropna(subset=["pit"])
             path = out_dir / f"calibration_{name}.png"
             report["plots"].append(plots.plot_calibration(scored, path, f"{name} forecast calibration"))
@@ -321,7 +316,8 @@ def run_backtest(
             result = backtest_portfolio(engine, portfolio_closes, portfolio_start, rule, warmup, progress=progress)
             keys = ("symbols", "test_start", "test_end", "bars", "metrics")
             report["multi_asset"] = {key: result[key] for key in keys}
-            plot_books(result["books"], "portfolio", "multi-asset allocations", "multi-asset drawdowns")
+            titles = "multi-asset allocations", "multi-asset drawdowns"
+            report["plots"] += plots.plot_books(result["books"], out_dir, "portfolio", *titles)
     report["latency"] = engine.latency_stats()
     report["plots"].append(plots.plot_latency_histogram(engine.latencies_ms, out_dir / "latency.png"))
     report["plots"] = [Path(path).name for path in report["plots"]]

@@ -131,7 +131,9 @@ def unconditional_forecast(returns: np.ndarray, test_start: int) -> StudentTFore
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context_policy: ContextPolicy, batch_size: int = 16):
+def model_forecast(
+    model, tokenizer, ids: np.ndarray, first_target: int, context_policy: ContextPolicy, batch_size: int = 16
+):
     """``BinnedDistribution`` of ``ids[k]`` for every ``k >= first_target``, KV-cache free and batched.
 
     Each target conditions on the tokens ``context_policy`` gives a history of ``k`` tokens, the context every
@@ -284,15 +286,11 @@ def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str
     """
     markets = markets or {}
     periods = {name: split_periods(frame) for name, frame in frames.items()}
-    spacing = {name: frame.index.to_series().diff().median() for name, frame in frames.items()}
+    peers = {name: (frame.index.to_series().diff().median(), markets.get(name)) for name, frame in frames.items()}
     return [
         name
         for name, (_, _, test) in periods.items()
-        if all(
-            periods[other][0].index[-1] < test.index[0]
-            for other in frames
-            if spacing[other] == spacing[name] and markets.get(other) == markets.get(name)
-        )
+        if all(periods[other][0].index[-1] < test.index[0] for other in frames if peers[other] == peers[name])
     ]
 
 
@@ -307,8 +305,8 @@ def _missed(checks: dict[str, bool]) -> list[str]:
 
 def _target_counts(targets: dict) -> dict[str, tuple[int, int]]:
     """Per-series target -> (series meeting it, series)."""
-    series_checks = list(targets["series"].values())
-    return {target: (sum(checks[target] for checks in series_checks), len(series_checks)) for target in series_checks[0]}
+    met = pd.DataFrame(targets["series"]).sum(axis=1)
+    return {target: (int(count), len(targets["series"])) for target, count in met.items()}
 
 
 def _aggregate_line(results: dict) -> str:
@@ -342,7 +340,8 @@ def format_table(results: dict) -> str:
     ]
     if "targets" not in results:
         return "\n".join(lines)
-    lines += ["", f"{'series':<22}" + "".join(title.rjust(width) for title, width in SERIES_COLUMNS.items()) + "  targets"]
+    titles = "".join(title.rjust(width) for title, width in SERIES_COLUMNS.items())
+    lines += ["", f"{'series':<22}{titles}  targets"]
     for name, entry in results["series"].items():
         cells = "".join(cell.rjust(width) for cell, width in zip(_series_cells(entry), SERIES_COLUMNS.values()))
         missed = _missed(results["targets"]["series"][name])
@@ -375,13 +374,13 @@ def markdown_tables(results: dict) -> str:
         header = ["series", "bars", "kvtrade NLL", "random walk", "GARCH-t", "unconditional t", "cov 50%", "cov 90%"]
         parts.append(_markdown_table([*header, "PIT distance", "targets"], rows))
         summary = [f"- {target}: {met}/{total} series" for target, (met, total) in _target_counts(targets).items()]
-        parts.append("Targets met:\n\n" + "\n".join([*summary, f"- aggregate NLL <= GARCH-t: {_aggregate_line(results)}"]))
+        summary.append(f"- aggregate NLL <= GARCH-t: {_aggregate_line(results)}")
+        parts.append("Targets met:\n\n" + "\n".join(summary))
     if "context_length_nll" in results:
         curve = results["context_length_nll"]
-        parts.append(
-            "Pooled model NLL by policy window (stride half the window, so contexts span half a window to a whole "
-            "one):\n\n" + _markdown_table(["window", *map(str, curve)], [["NLL", *(f"{nll:.4f}" for nll in curve.values())]])
-        )
+        table = _markdown_table(["window", *map(str, curve)], [["NLL", *(f"{nll:.4f}" for nll in curve.values())]])
+        parts.append("Pooled model NLL by policy window (stride half the window, so contexts span half a window to a "
+                     f"whole one):\n\n{table}")
     return "\n\n".join(parts)
 
 
@@ -400,10 +399,10 @@ def update_model_card(checkpoint, results: dict, command: str):
     section = (
         f"{EVALUATION_HEADING}\n\n```bash\n{command}\n```\n\n"
         f"Next-bar forecasts on {results['num_bars']} test bars of {len(results['series'])} series "
-        f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. NLL in nats per bar "
-        "(lower is better), CRPS in log-return units (lower is better), interval coverage (ideal 0.5 and 0.9), "
-        "direction accuracy, and the share of bars that would have to move to flatten the 10-bin PIT histogram "
-        "(0 is calibrated). Baselines are described in docs/data.md.\n\n" + markdown_tables(results)
+        f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. "
+        "NLL in nats per bar (lower is better), CRPS in log-return units (lower is better), interval coverage "
+        "(ideal 0.5 and 0.9), direction accuracy, and the share of bars that would have to move to flatten the 10-bin "
+        "PIT histogram (0 is calibrated). Baselines are described in docs/data.md.\n\n" + markdown_tables(results)
     )
     card.text = f"{text}\n\n{section}\n"
     card.save(path)
