@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
+from .data.windows import split_periods
 from .signals import SignalRule, VolTargetRule
 from .streaming import StreamingForecaster
 
@@ -30,9 +31,7 @@ def periods_per_year(index: pd.DatetimeIndex) -> float:
         raise ValueError("need at least two timestamps to infer the bar frequency")
     spacing = pd.Series(index).diff().median()
     bars_per_day = pd.Timedelta(days=1) / spacing
-    if bars_per_day >= 1:
-        return TRADING_DAYS_PER_YEAR * bars_per_day
-    return pd.Timedelta(days=365.25) / spacing
+    return TRADING_DAYS_PER_YEAR * bars_per_day if bars_per_day >= 1 else pd.Timedelta(days=365.25) / spacing
 
 
 def simulate(positions, asset_returns, transaction_cost: float) -> pd.DataFrame:
@@ -112,11 +111,9 @@ def garch_positions(closes: pd.Series, test_start: pd.Timestamp, max_leverage: f
 
 # -------------------------------------------------------------------------------------------- walk-forward
 def stream_forecasts(engine: StreamingForecaster, symbol: str, history: pd.Series, test: pd.Series, progress=None):
-    """Primes ``symbol`` on ``history`` in one prefill, then feeds ``test`` bar by bar through the engine.
-
-    Returns, per test bar, the forecast made at its close for the next bar, with its CDF (``pit``) and CRPS at the
-    realised next log-return (NaN on the last bar).
-    """
+    """Primes ``symbol`` on ``history`` in one prefill, then feeds ``test`` bar by bar through the engine. Returns,
+    per test bar, the forecast made at its close for the next bar, with its CDF (``pit``) and CRPS at the realised
+    next log-return (NaN on the last bar)."""
     engine.prime(symbol, history.to_numpy())
     rows, pit, crps, previous = [], [], [], None
     for timestamp, close in test.items():
@@ -197,10 +194,8 @@ def backtest_series(
 
 
 def allocation_weights(mean_return: pd.DataFrame, std_return: pd.DataFrame, long_only: bool) -> pd.DataFrame:
-    """Weights proportional to each asset's forecast Kelly fraction (mean / variance), gross exposure at most 1.
-
-    Long-only keeps the positive fractions and leaves the book in cash when none is positive.
-    """
+    """Weights proportional to each asset's forecast Kelly fraction (mean / variance), gross exposure at most 1;
+    long-only keeps the positive fractions, and cash when none is positive."""
     kelly = mean_return / std_return.pow(2)
     if long_only:
         kelly = kelly.clip(lower=0.0)
@@ -216,11 +211,8 @@ def backtest_portfolio(
     warmup: int,
     progress=None,
 ) -> dict:
-    """Forecast-driven allocations (long-only and long-short) against equal weight, over shared test bars.
-
-    Each bar's closes of every asset go through one batched ``update_many`` step (one session per asset) before the
-    weights for the next bar are set.
-    """
+    """Forecast-driven allocations (long-only and long-short) against equal weight, over shared test bars: each
+    bar's closes of every asset go through one batched ``update_many`` step before the next bar's weights are set."""
     history = closes[closes.index < test_start].iloc[-warmup:]
     test = closes[closes.index >= test_start]
     for symbol in closes.columns:
@@ -244,13 +236,6 @@ def backtest_portfolio(
 
 
 # ------------------------------------------------------------------------------------------------ full run
-def _test_start(closes: pd.Series) -> pd.Timestamp:
-    from .data import split_periods
-
-    _, _, test = split_periods(closes.to_frame("close"))
-    return test.index[0]
-
-
 def run_backtest(
     model,
     tokenizer,
@@ -264,11 +249,9 @@ def run_backtest(
     model_description: str = "",
     vol_rule: VolTargetRule | None = None,
 ) -> dict:
-    """Backtests every series in ``series`` and the book of ``portfolio`` on their held-out periods; writes
-    ``report.json`` and PNG plots into ``out_dir`` and returns the report.
-
-    Each series is traded by ``rule`` and by ``vol_rule`` (default: a :class:`VolTargetRule` with ``rule``'s
-    costs and shorting, aimed at each series' pre-test volatility) against the same baselines."""
+    """Backtests every series in ``series`` and the book of ``portfolio`` on their test periods; writes
+    ``report.json`` and PNG plots into ``out_dir`` and returns the report. ``vol_rule`` defaults to ``rule``'s
+    costs and shorting, aimed at each series' pre-test volatility."""
     import json
 
     from . import plots
@@ -279,7 +262,7 @@ def run_backtest(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     closes = {name: load_series(name)["close"] for name in dict.fromkeys(series + portfolio)}
-    starts = {name: _test_start(close) for name, close in closes.items()}
+    starts = {name: split_periods(close.to_frame("close"))[2].index[0] for name, close in closes.items()}
     if limit is not None:
         # Keep only the first ``limit`` test bars (plus everything before them, for warm-up and GARCH).
         closes = {name: close[: close.index.searchsorted(starts[name]) + limit + 1] for name, close in closes.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -101,11 +102,8 @@ def random_walk_forecast(returns: np.ndarray, test_start: int, volatility_window
 
 
 def fit_garch_t(returns, num_fit: int):
-    """``(params, filtered)``: GARCH(1,1)-t with a constant mean fitted on ``returns[:num_fit]``, and those fixed
-    parameters filtered through all of ``returns``, so each bar's volatility uses earlier returns only.
-
-    ``arch``'s optimiser wants returns of order one: callers scale them.
-    """
+    """``(params, filtered)``: GARCH(1,1)-t with a constant mean fitted on ``returns[:num_fit]`` (scaled by the caller
+    to order one, for arch's optimiser), then filtered with those fixed parameters, so each volatility is causal."""
     from arch import arch_model
 
     specification = dict(mean="Constant", vol="GARCH", p=1, q=1, dist="t", rescale=False)
@@ -389,8 +387,6 @@ EVALUATION_HEADING = "## Test-period evaluation"
 
 def update_model_card(checkpoint, results: dict, command: str):
     """Replaces (or adds) the evaluation section of the checkpoint's ``README.md`` model card."""
-    from pathlib import Path
-
     from huggingface_hub import ModelCard
 
     path = Path(checkpoint) / "README.md"
