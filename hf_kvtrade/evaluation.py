@@ -1,30 +1,16 @@
-"""Honest next-bar forecast evaluation: the model and three baselines scored by the same code on held-out bars.
+"""Next-bar forecast evaluation: the model and three baselines scored by the same code on held-out bars.
 
-Every model yields, for each test bar, a predictive distribution of the bar's close-to-close log-return with the
-methods ``log_density``, ``crps``, ``quantile`` and ``prob_up``: the model a :class:`BinnedDistribution`, the
-baselines :class:`GaussianForecast` or :class:`StudentTForecast`. :func:`score` turns any of them into metrics.
-
-Baselines (all fitted on the bars before the test period, i.e. the training and validation periods):
-
-- ``random_walk``: Gaussian with the pre-test mean return and the standard deviation of the previous
-  ``volatility_window`` returns.
-- ``garch_t``: GARCH(1,1) with Student-t errors and a constant mean from ``arch``, fitted once on the pre-test
-  returns (in percent, as ``arch`` recommends); its parameters are then held fixed while the conditional
-  volatility is filtered through the test period, so each forecast uses only earlier returns.
-- ``unconditional``: a Student-t fitted by maximum likelihood to the pre-test returns, the same for every bar.
-
-Test periods are held out in calendar time too: :func:`heldout_series_names` keeps only series whose test period
-starts after the training period of every series of the same bar frequency has ended, so a model trained on one
-stock's 2012 bars is never scored on another listing of that stock (or a correlated index) in 2012.
-
-The model reads the contexts of its checkpoint's :class:`~hf_kvtrade.context.ContextPolicy`, the ones it gets in
-serving: one forward pass over a policy window gives the next-bar distribution of every target sharing its anchor.
+Every forecast (the model's :class:`BinnedDistribution`, a :class:`GaussianForecast` or a :class:`StudentTForecast`)
+has ``log_density``, ``crps``, ``quantile``, ``prob_up`` and ``cdf``; :func:`score` turns any of them into metrics.
+Baselines are fitted on the bars before the test period and each forecast conditions on earlier bars only; the
+metrics, baselines and the held-out rule of :func:`heldout_series_names` are described in docs/data.md.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,14 +85,7 @@ class StudentTForecast:
 
 
 def score(forecast, returns: np.ndarray) -> dict:
-    """Per-bar means of the metrics for one model's forecasts of the observed log-``returns``.
-
-    ``nll`` is the negative log-density of the return (nats per bar; lower is better), ``crps`` in log-return
-    units, ``coverage_50``/``coverage_90`` the share of returns inside the central 50%/90% intervals, and
-    ``direction_acc`` the share of bars where ``prob_up > 0.5`` agrees with ``return > 0``, and ``pit_distance``
-    the share of bars that would have to move for the PIT histogram (:data:`PIT_BINS` bins) to be flat: 0 when
-    calibrated, larger for over-dispersed (hump) or under-dispersed (U) forecasts.
-    """
+    """Per-bar means of :data:`METRICS` for one model's forecasts of the observed log-``returns``."""
     return summarize(per_bar_scores(forecast, np.asarray(returns, dtype=np.float64)))
 
 
@@ -122,20 +101,24 @@ def random_walk_forecast(returns: np.ndarray, test_start: int, volatility_window
     return GaussianForecast(mean=mean, std=np.maximum(rolling_std, floor))
 
 
-def garch_t_forecast(returns: np.ndarray, test_start: int) -> StudentTForecast:
-    """GARCH(1,1)-t fitted on ``returns[:test_start]``, filtered with fixed parameters through the rest."""
+def fit_garch_t(returns, num_fit: int):
+    """``(params, filtered)``: GARCH(1,1)-t with a constant mean fitted on ``returns[:num_fit]`` (scaled by the caller
+    to order one, for arch's optimiser), then filtered with those fixed parameters, so each volatility is causal."""
     from arch import arch_model
 
-    percent = 100.0 * returns
     specification = dict(mean="Constant", vol="GARCH", p=1, q=1, dist="t", rescale=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter; a failed fit shows up in the scores
-        fitted = arch_model(percent[:test_start], **specification).fit(disp="off")
-    filtered = arch_model(percent, **specification).fix(fitted.params)
-    nu = float(fitted.params["nu"])
+        params = arch_model(returns[:num_fit], **specification).fit(disp="off").params
+    return params, arch_model(returns, **specification).fix(params)
+
+
+def garch_t_forecast(returns: np.ndarray, test_start: int) -> StudentTForecast:
+    params, filtered = fit_garch_t(100.0 * returns, test_start)  # in percent, as arch recommends
+    nu = float(params["nu"])
     # arch's t has unit variance: its scale parameter is std * sqrt((nu - 2) / nu).
     std = filtered.conditional_volatility[test_start:] / 100.0
-    loc = np.full(len(std), fitted.params["mu"] / 100.0)
+    loc = np.full(len(std), params["mu"] / 100.0)
     return StudentTForecast(loc=loc, scale=std * np.sqrt((nu - 2) / nu), df=nu)
 
 
@@ -146,7 +129,9 @@ def unconditional_forecast(returns: np.ndarray, test_start: int) -> StudentTFore
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def model_forecast(model, tokenizer, ids: np.ndarray, first_target: int, context_policy: ContextPolicy, batch_size: int = 16):
+def model_forecast(
+    model, tokenizer, ids: np.ndarray, first_target: int, context_policy: ContextPolicy, batch_size: int = 16
+):
     """``BinnedDistribution`` of ``ids[k]`` for every ``k >= first_target``, KV-cache free and batched.
 
     Each target conditions on the tokens ``context_policy`` gives a history of ``k`` tokens, the context every
@@ -178,10 +163,9 @@ def returns_and_test_start(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
 
 
 def evaluate_series(frame: pd.DataFrame, model=None, tokenizer=None, volatility_window: int = 20):
-    """Metrics of every model on the test period of one series, plus the raw returns (for pooling).
+    """``(per-bar scores of every model, target returns)`` on the test period of one series.
 
-    Targets are the returns that end on a test-period bar; every forecast conditions on earlier bars only
-    (context may reach back into the training and validation periods: that is the past, not look-ahead).
+    Context may reach back into the training and validation periods: that is the past, not look-ahead.
     """
     returns, test_start = returns_and_test_start(frame)
     target = returns[test_start:]
@@ -210,25 +194,29 @@ def per_bar_scores(forecast, returns: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def summarize(terms: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of the per-bar metrics, and the share of bars that would have to move to flatten the PIT histogram."""
+    summary = {metric: float(np.mean(values)) for metric, values in terms.items() if metric != "pit"}
+    counts, _ = np.histogram(terms["pit"], bins=PIT_BINS, range=(0.0, 1.0))
+    summary["pit_distance"] = float(0.5 * np.abs(counts / max(len(terms["pit"]), 1) - 1.0 / PIT_BINS).sum())
+    return summary
+
+
 def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dict:
     """Pooled (every test bar of every series weighs the same) and per-series metrics, as a JSON-ready dict."""
-    pooled: dict[str, dict[str, list]] = {}
-    per_series = {}
-    for name, frame in frames.items():
-        bars, target = evaluate_series(frame, model, tokenizer)
-        per_series[name] = {
-            "num_bars": len(target),
-            "models": {model_name: summarize(terms) for model_name, terms in bars.items()},
-        }
-        for model_name, terms in bars.items():
-            for metric, values in terms.items():
-                pooled.setdefault(model_name, {}).setdefault(metric, []).append(values)
-    models = {name: summarize({metric: np.concatenate(parts) for metric, parts in terms.items()}) for name, terms in pooled.items()}
+    scored = [evaluate_series(frame, model, tokenizer)[0] for frame in frames.values()]
+    pooled = {
+        name: {metric: np.concatenate([bars[name][metric] for bars in scored]) for metric in terms}
+        for name, terms in scored[0].items()
+    }
     results = {
-        "num_bars": sum(entry["num_bars"] for entry in per_series.values()),
+        "num_bars": len(pooled["random_walk"]["nll"]),
         "context_policy": None if model is None else vars(ContextPolicy.from_config(model.config)),
-        "models": models,
-        "series": per_series,
+        "models": {name: summarize(terms) for name, terms in pooled.items()},
+        "series": {
+            name: {"num_bars": len(bars["random_walk"]["nll"]), "models": {m: summarize(t) for m, t in bars.items()}}
+            for name, bars in zip(frames, scored)
+        },
     }
     if model is not None:
         results["targets"] = check_targets(results)
@@ -276,8 +264,7 @@ def pooled_model_nll(series, model, tokenizer, policy: ContextPolicy | None = No
 def context_length_curve(frames: dict[str, pd.DataFrame], model, tokenizer, lengths) -> dict[int, float]:
     """Pooled test-period NLL of the model under a policy window of each length in ``lengths`` (stride half of it).
 
-    Contexts then span half a window to a whole one, as in serving. Lengths beyond the checkpoint's own window
-    would put positions the model never learned, so they are refused.
+    Lengths beyond the checkpoint's own window would put positions the model never learned, so they are refused.
     """
     window = ContextPolicy.from_config(model.config).window
     if any(length > window or length < 4 for length in lengths):
@@ -297,25 +284,15 @@ def heldout_series_names(frames: dict[str, pd.DataFrame], markets: dict[str, str
     """
     markets = markets or {}
     periods = {name: split_periods(frame) for name, frame in frames.items()}
-    spacing = {name: frame.index.to_series().diff().median() for name, frame in frames.items()}
-    heldout = []
-    for name, (_, _, test) in periods.items():
-        peers = [
-            other for other in frames if spacing[other] == spacing[name] and markets.get(other) == markets.get(name)
-        ]
-        if all(periods[other][0].index[-1] < test.index[0] for other in peers):
-            heldout.append(name)
-    return heldout
+    peers = {name: (frame.index.to_series().diff().median(), markets.get(name)) for name, frame in frames.items()}
+    return [
+        name
+        for name, (_, _, test) in periods.items()
+        if all(periods[other][0].index[-1] < test.index[0] for other in frames if peers[other] == peers[name])
+    ]
 
 
-def summarize(terms: dict[str, np.ndarray]) -> dict[str, float]:
-    """Means of the per-bar metrics, and the PIT histogram's distance from flat."""
-    summary = {metric: float(np.mean(values)) for metric, values in terms.items() if metric != "pit"}
-    counts, _ = np.histogram(terms["pit"], bins=PIT_BINS, range=(0.0, 1.0))
-    summary["pit_distance"] = float(0.5 * np.abs(counts / max(len(terms["pit"]), 1) - 1.0 / PIT_BINS).sum())
-    return summary
-
-
+# ------------------------------------------------------------------------------------------------- tables
 def _mark(met: bool) -> str:
     return "met" if met else "MISSED"
 
@@ -326,8 +303,8 @@ def _missed(checks: dict[str, bool]) -> list[str]:
 
 def _target_counts(targets: dict) -> dict[str, tuple[int, int]]:
     """Per-series target -> (series meeting it, series)."""
-    series_checks = list(targets["series"].values())
-    return {target: (sum(checks[target] for checks in series_checks), len(series_checks)) for target in series_checks[0]}
+    met = pd.DataFrame(targets["series"]).sum(axis=1)
+    return {target: (int(count), len(targets["series"])) for target, count in met.items()}
 
 
 def _aggregate_line(results: dict) -> str:
@@ -338,83 +315,78 @@ def _aggregate_line(results: dict) -> str:
     )
 
 
+# Text columns of the per-series table after the series name, with their widths.
+SERIES_COLUMNS = {"bars": 6, "kvtrade": 9, "rw": 9, "garch_t": 9, "uncond": 9, "cov50": 7, "cov90": 7, "pit": 6}
+
+
+def _series_cells(entry: dict) -> list[str]:
+    """A series' bars, every model's NLL, and the model's interval coverages and PIT distance, formatted."""
+    models = entry["models"]
+    return [
+        str(entry["num_bars"]),
+        *(f"{models[name]['nll']:.4f}" for name in MODEL_NAMES),
+        *(f"{models['kvtrade'][metric]:.3f}" for metric in ("coverage_50", "coverage_90", "pit_distance")),
+    ]
+
+
 def format_table(results: dict) -> str:
     """The pooled table of every model; with a model, also its per-series table with each target met or missed."""
-    header = f"{'model':<14}" + "".join(f"{metric:>14}" for metric in METRICS)
-    rows = [
+    lines = [f"test period: {results['num_bars']} bars", f"{'model':<14}" + "".join(f"{m:>14}" for m in METRICS)]
+    lines += [
         f"{name:<14}" + "".join(f"{metrics[metric]:>14.6f}" for metric in METRICS)
         for name, metrics in results["models"].items()
     ]
-    lines = [f"test period: {results['num_bars']} bars", header, *rows]
     if "targets" not in results:
         return "\n".join(lines)
-    lines += ["", f"{'series':<22}{'bars':>6}{'kvtrade':>9}{'rw':>9}{'garch_t':>9}{'uncond':>9}{'cov50':>7}{'cov90':>7}"
-              f"{'pit':>6}  targets"]  # fmt: skip
+    titles = "".join(title.rjust(width) for title, width in SERIES_COLUMNS.items())
+    lines += ["", f"{'series':<22}{titles}  targets"]
     for name, entry in results["series"].items():
-        models, missed = entry["models"], _missed(results["targets"]["series"][name])
-        lines.append(
-            f"{name:<22}{entry['num_bars']:>6}"
-            + "".join(f"{models[model]['nll']:>9.4f}" for model in ("kvtrade", "random_walk", "garch_t", "unconditional"))
-            + f"{models['kvtrade']['coverage_50']:>7.3f}{models['kvtrade']['coverage_90']:>7.3f}"
-            + f"{models['kvtrade']['pit_distance']:>6.3f}  {'all met' if not missed else 'MISSED ' + ', '.join(missed)}"
-        )
+        cells = "".join(cell.rjust(width) for cell, width in zip(_series_cells(entry), SERIES_COLUMNS.values()))
+        missed = _missed(results["targets"]["series"][name])
+        lines.append(f"{name:<22}{cells}  {'MISSED ' + ', '.join(missed) if missed else 'all met'}")
     for target, (met, total) in _target_counts(results["targets"]).items():
         lines.append(f"target {target} on every series: {_mark(met == total)} ({met}/{total})")
     lines.append(f"target aggregate NLL <= garch_t: {_aggregate_line(results)}")
     return "\n".join(lines)
 
 
-EVALUATION_HEADING = "## Test-period evaluation"
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
 
 
 def markdown_tables(results: dict) -> str:
     """The pooled table, the per-series table with targets, and the context-length curve, in Markdown."""
-    pooled = "\n".join(
-        f"| {name} | {m['nll']:.4f} | {m['crps']:.6f} | {m['coverage_50']:.3f} | {m['coverage_90']:.3f} "
-        f"| {m['direction_acc']:.3f} | {m['pit_distance']:.3f} |"
+    pooled = [
+        [name, f"{m['nll']:.4f}", f"{m['crps']:.6f}", *(f"{m[metric]:.3f}" for metric in METRICS[2:])]
         for name, m in results["models"].items()
-    )
-    parts = [
-        "| model | NLL | CRPS | coverage 50% | coverage 90% | direction | PIT distance |\n|---|---|---|---|---|---|---|\n"
-        + pooled
     ]
+    header = ["model", "NLL", "CRPS", "coverage 50%", "coverage 90%", "direction", "PIT distance"]
+    parts = [_markdown_table(header, pooled)]
     if "targets" in results:
         targets = results["targets"]
         rows = []
         for name, entry in results["series"].items():
-            models, missed = entry["models"], _missed(targets["series"][name])
-            rows.append(
-                f"| {name} | {entry['num_bars']} | "
-                + " | ".join(f"{models[model]['nll']:.4f}" for model in MODEL_NAMES)
-                + f" | {models['kvtrade']['coverage_50']:.3f} | {models['kvtrade']['coverage_90']:.3f} "
-                f"| {models['kvtrade']['pit_distance']:.3f} | {'all met' if not missed else 'missed: ' + ', '.join(missed)} |"
-            )
-        parts.append(
-            "| series | bars | kvtrade NLL | random walk | GARCH-t | unconditional t | cov 50% | cov 90% | PIT distance "
-            "| targets |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
-        )
+            missed = _missed(targets["series"][name])
+            rows.append([name, *_series_cells(entry), "missed: " + ", ".join(missed) if missed else "all met"])
+        header = ["series", "bars", "kvtrade NLL", "random walk", "GARCH-t", "unconditional t", "cov 50%", "cov 90%"]
+        parts.append(_markdown_table([*header, "PIT distance", "targets"], rows))
         summary = [f"- {target}: {met}/{total} series" for target, (met, total) in _target_counts(targets).items()]
         summary.append(f"- aggregate NLL <= GARCH-t: {_aggregate_line(results)}")
         parts.append("Targets met:\n\n" + "\n".join(summary))
     if "context_length_nll" in results:
         curve = results["context_length_nll"]
-        parts.append(
-            "Pooled model NLL by policy window (stride half the window, so contexts span half a window to a whole "
-            "one):\n\n| window | "
-            + " | ".join(str(length) for length in curve)
-            + " |\n|---|"
-            + "---|" * len(curve)
-            + "\n| NLL | "
-            + " | ".join(f"{nll:.4f}" for nll in curve.values())
-            + " |"
-        )
+        table = _markdown_table(["window", *map(str, curve)], [["NLL", *(f"{nll:.4f}" for nll in curve.values())]])
+        parts.append("Pooled model NLL by policy window (stride half the window, so contexts span half a window to a "
+                     f"whole one):\n\n{table}")
     return "\n\n".join(parts)
+
+
+EVALUATION_HEADING = "## Test-period evaluation"
 
 
 def update_model_card(checkpoint, results: dict, command: str):
     """Replaces (or adds) the evaluation section of the checkpoint's ``README.md`` model card."""
-    from pathlib import Path
-
     from huggingface_hub import ModelCard
 
     path = Path(checkpoint) / "README.md"
@@ -423,10 +395,10 @@ def update_model_card(checkpoint, results: dict, command: str):
     section = (
         f"{EVALUATION_HEADING}\n\n```bash\n{command}\n```\n\n"
         f"Next-bar forecasts on {results['num_bars']} test bars of {len(results['series'])} series "
-        f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. NLL in nats per bar "
-        "(lower is better), CRPS in log-return units (lower is better), interval coverage (ideal 0.5 and 0.9), "
-        "direction accuracy, and the share of bars that would have to move to flatten the 10-bin PIT histogram "
-        "(0 is calibrated). Baselines are described in docs/data.md.\n\n" + markdown_tables(results)
+        f"({', '.join(results['series'])}), contexts by the checkpoint's policy {results['context_policy']}. "
+        "NLL in nats per bar (lower is better), CRPS in log-return units (lower is better), interval coverage "
+        "(ideal 0.5 and 0.9), direction accuracy, and the share of bars that would have to move to flatten the 10-bin "
+        "PIT histogram (0 is calibrated). Baselines are described in docs/data.md.\n\n" + markdown_tables(results)
     )
     card.text = f"{text}\n\n{section}\n"
     card.save(path)

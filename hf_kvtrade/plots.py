@@ -1,11 +1,9 @@
-"""PNG plots of a backtest: equity curves, drawdowns, per-tick latency and forecast calibration.
-
-Every function writes one file with matplotlib's Agg backend (no display needed) and returns its path.
-"""
+"""PNG plots of a backtest, drawn with matplotlib's Agg backend (no display needed): equity curves, drawdowns,
+per-tick latency and forecast calibration. Every function returns the path (or paths) it wrote."""
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import empyrical
 import matplotlib
@@ -16,35 +14,32 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _save(figure, path: str | os.PathLike) -> str:
+def _save(figure, path) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return str(path)
 
 
-def plot_equity_curves(net_returns: dict[str, pd.Series], path, title: str) -> str:
-    """Growth of one unit of equity for each strategy."""
+def plot_books(books: dict[str, pd.DataFrame], out_dir: Path, stem: str, title: str, drawdown_title: str) -> list[str]:
+    """``equity_{stem}.png``, the growth of one unit of equity for each strategy's book (net returns), and
+    ``drawdown_{stem}.png``, the distance of each equity curve below its running peak."""
+    equity = {name: 1.0 + empyrical.cum_returns(book["net"]) for name, book in books.items()}
     figure, axis = plt.subplots(figsize=(9, 4.5))
-    for name, returns in net_returns.items():
-        axis.plot(returns.index, 1.0 + empyrical.cum_returns(returns), label=name, linewidth=2.0 if name == "model" else 1.0)
+    for name, curve in equity.items():
+        axis.plot(curve.index, curve, label=name, linewidth=2.0 if name == "model" else 1.0)
     axis.set_title(title)
     axis.set_ylabel("equity (start = 1)")
     axis.axhline(1.0, color="grey", linewidth=0.5)
     axis.legend(loc="best", fontsize=8)
-    return _save(figure, path)
-
-
-def plot_drawdowns(net_returns: dict[str, pd.Series], path, title: str) -> str:
-    """Distance of each equity curve below its running peak."""
+    paths = [_save(figure, out_dir / f"equity_{stem}.png")]
     figure, axis = plt.subplots(figsize=(9, 3.5))
-    for name, returns in net_returns.items():
-        equity = 1.0 + empyrical.cum_returns(returns)
-        axis.plot(returns.index, equity / equity.cummax() - 1.0, label=name, linewidth=1.0)
-    axis.set_title(title)
+    for name, curve in equity.items():
+        axis.plot(curve.index, curve / curve.cummax() - 1.0, label=name, linewidth=1.0)
+    axis.set_title(drawdown_title)
     axis.set_ylabel("drawdown")
     axis.legend(loc="lower left", fontsize=8)
-    return _save(figure, path)
+    return [*paths, _save(figure, out_dir / f"drawdown_{stem}.png")]
 
 
 def plot_latency_histogram(latencies_ms: np.ndarray, path, title: str = "per-tick latency") -> str:
@@ -61,18 +56,21 @@ def plot_latency_histogram(latencies_ms: np.ndarray, path, title: str = "per-tic
     return _save(figure, path)
 
 
-def plot_calibration(pit: np.ndarray, prob_up: np.ndarray, went_up: np.ndarray, path, title: str) -> str:
-    """Left: PIT histogram (flat when calibrated). Right: observed frequency of up moves per bin of P(up)."""
+def plot_calibration(forecasts: pd.DataFrame, path, title: str) -> str:
+    """Left: PIT histogram (flat when calibrated). Right: observed frequency of up moves per decile of P(up).
+
+    ``forecasts`` has a row per scored forecast: its ``pit``, its ``prob_up`` and whether the price ``went_up``.
+    """
     figure, (pit_axis, reliability_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    pit_axis.hist(pit, bins=20, range=(0, 1), density=True, color="tab:green")
+    pit_axis.hist(forecasts.pit.to_numpy(), bins=20, range=(0, 1), density=True, color="tab:green")
     pit_axis.axhline(1.0, color="black", linewidth=1)
     pit_axis.set_title("PIT of realised returns")
     pit_axis.set_xlabel("forecast CDF at the outcome")
 
-    edges = np.quantile(prob_up, np.linspace(0, 1, 11))
-    groups = np.clip(np.searchsorted(edges, prob_up, side="right") - 1, 0, 9)
-    predicted = [prob_up[groups == g].mean() for g in range(10) if np.any(groups == g)]
-    observed = [went_up[groups == g].mean() for g in range(10) if np.any(groups == g)]
+    edges = np.quantile(forecasts.prob_up, np.linspace(0, 1, 11))
+    deciles = np.clip(np.searchsorted(edges, forecasts.prob_up, side="right") - 1, 0, 9)
+    means = forecasts.groupby(deciles)[["prob_up", "went_up"]].mean()
+    predicted, observed = means.prob_up.tolist(), means.went_up.tolist()
     reliability_axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     reliability_axis.plot(predicted, observed, marker="o")
     low, high = min(predicted + observed), max(predicted + observed)
@@ -83,6 +81,3 @@ def plot_calibration(pit: np.ndarray, prob_up: np.ndarray, went_up: np.ndarray, 
     reliability_axis.set_ylabel("observed frequency")
     figure.suptitle(title)
     return _save(figure, path)
-
-
-__all__ = ["plot_calibration", "plot_drawdowns", "plot_equity_curves", "plot_latency_histogram"]

@@ -1,15 +1,5 @@
-"""Trading signals from a one-step forecast. Two rules, both called as ``rule(forecast) -> Signal``:
-
-- :class:`SignalRule` (all or nothing): a forecast earns a LONG signal when the probability of an up move clears
-  ``prob_threshold`` AND the expected log-return beats the transaction cost by ``cost_multiple``; SHORT is the
-  mirror image; anything else is NEUTRAL. Both tests are needed: a skewed distribution can put most mass above
-  zero with a negative mean.
-- :class:`VolTargetRule` (sized by the distribution): the position is ``target_vol / forecast std``, capped at
-  ``max_leverage``, so it uses the forecast's width, not only its sign. Its direction comes from P(up) only when
-  P(up) is far enough from 1/2 to pay for trading on it; otherwise it holds the vol-scaled long (the GARCH
-  vol-scaling baseline's position, with the model's volatility). ``rule.size(forecast)`` is the signed position;
-  ``rule(forecast)`` its sign as a ``Signal``, for code that only needs the direction.
-"""
+"""Trading signals from a one-step forecast: the all-or-nothing :class:`SignalRule` and the position sized by the
+forecast volatility, :class:`VolTargetRule`. Both are called as ``rule(forecast) -> Signal``."""
 
 from __future__ import annotations
 
@@ -37,15 +27,10 @@ class Signal(enum.IntEnum):
 
 @dataclass(frozen=True)
 class SignalRule:
-    """Thresholds that turn a forecast into a ``Signal``.
-
-    Args:
-        prob_threshold: LONG needs ``P(up) >= prob_threshold``; SHORT needs ``P(up) <= 1 - prob_threshold``.
-        transaction_cost: one-way cost of a trade as a fraction of the traded value (1e-4 = 1 basis point).
-        cost_multiple: the expected log-return must exceed ``cost_multiple * transaction_cost`` in the signal's
-            direction; 2 covers a round trip.
-        allow_short: when False, SHORT signals become NEUTRAL (long-only trading).
-    """
+    """LONG when ``P(up) >= prob_threshold`` AND the expected log-return beats ``cost_multiple * transaction_cost``
+    (a skewed distribution can put most mass above zero with a negative mean); SHORT is the mirror image, unless
+    ``allow_short`` is False; anything else is NEUTRAL. ``transaction_cost`` is one-way, a fraction of the traded
+    value (1e-4 = 1 basis point)."""
 
     prob_threshold: float = 0.52
     transaction_cost: float = 1e-4
@@ -57,14 +42,11 @@ class SignalRule:
             raise ValueError(f"prob_threshold must lie in [0.5, 1), got {self.prob_threshold}")
         _check_costs(self.transaction_cost, self.cost_multiple)
 
-    @property
-    def min_edge(self) -> float:
-        return self.cost_multiple * self.transaction_cost
-
     def decide(self, prob_up: float, expected_return: float) -> Signal:
-        if prob_up >= self.prob_threshold and expected_return > self.min_edge:
+        min_edge = self.cost_multiple * self.transaction_cost
+        if prob_up >= self.prob_threshold and expected_return > min_edge:
             return Signal.LONG
-        if self.allow_short and prob_up <= 1.0 - self.prob_threshold and expected_return < -self.min_edge:
+        if self.allow_short and prob_up <= 1.0 - self.prob_threshold and expected_return < -min_edge:
             return Signal.SHORT
         return Signal.NEUTRAL
 
@@ -81,32 +63,16 @@ MEAN_ABS_PER_STD = math.sqrt(2.0 / math.pi)
 class VolTargetRule:
     """Volatility targeting: position ``target_vol / forecast_std``, at most ``max_leverage``, signed by P(up).
 
-    **Direction.** Calling the direction right earns ``|2 P(up) - 1| * E|r|`` per unit of position (``E|r|``
-    taken as ``sqrt(2/pi)`` times the forecast std, as for a normal return), and acting on a call costs about
-    ``cost_multiple * transaction_cost`` per unit (2: in and out again). So P(up) sets the direction only when
+    A right call of the direction earns ``|2 P(up) - 1| * E|r|`` per unit of position and acting on it costs about
+    ``cost_multiple * transaction_cost`` (2: in and out again), so P(up) sets the direction only when
 
         |P(up) - 1/2| > max(min_prob_edge, cost_multiple * transaction_cost / (2 * sqrt(2/pi) * forecast_std)),
 
-    i.e. when the edge pays the costs, and ``min_prob_edge`` keeps a model from trading on noise around 1/2 when
-    costs are negligible. A confident up forecast is long; a confident down forecast is short, or flat when
-    ``allow_short`` is False.
-
-    **No confident direction** (the default case for a model whose P(up) stays near 1/2): ``fallback="long"``
-    holds the vol-scaled long, like the GARCH vol-scaling baseline but with the model's volatility;
-    ``fallback="flat"`` stays out of the market. Long is the default because the assets traded here drift up
-    and a vol-scaled long is the baseline this rule must beat; the rule then differs from that baseline only
-    in its volatility forecast and in the bars where the model is confidently bearish.
-
-    Args:
-        target_vol: volatility the position aims for, as a per-bar std of log-returns (0.01: 1% per bar). ``None``
-            leaves it to the backtest, which uses each series' own std before its test period (as the GARCH
-            baseline does); calling the rule needs a number.
-        max_leverage: cap on the absolute position, in units of equity.
-        transaction_cost: one-way cost of a trade as a fraction of the traded value.
-        cost_multiple: how many one-way costs a directional call must earn (2: a round trip).
-        min_prob_edge: the smallest ``|P(up) - 1/2|`` ever acted on.
-        allow_short: when False, a confident down forecast gives a flat position instead of a short one.
-        fallback: ``"long"`` or ``"flat"``: the position when P(up) is not confident enough.
+    ``min_prob_edge`` keeping the rule off the noise around 1/2 when costs are negligible. A confident down call is
+    short, or flat without ``allow_short``. Otherwise ``fallback="long"`` holds the vol-scaled long (the GARCH
+    vol-scaling baseline's position with the model's volatility: the assets traded here drift up, and that is the
+    baseline to beat) and ``fallback="flat"`` stays out. ``target_vol`` is a per-bar std of log-returns; ``None``
+    leaves it to the backtest (each series' pre-test std), and calling the rule then needs one.
     """
 
     target_vol: float | None = None
@@ -134,10 +100,8 @@ class VolTargetRule:
         return np.maximum(self.min_prob_edge, self.cost_multiple * self.transaction_cost / (2 * MEAN_ABS_PER_STD * std))
 
     def position(self, prob_up, forecast_std, target_vol: float | None = None):
-        """Signed position(s) for P(up) and forecast std (scalars or arrays of one shape).
-
-        ``target_vol`` overrides the rule's own (the backtest passes each series' pre-test std).
-        """
+        """Signed position(s) for P(up) and forecast std (scalars or arrays of one shape); ``target_vol`` overrides
+        the rule's own."""
         target = self.target_vol if target_vol is None else target_vol
         if target is None:
             raise ValueError("target_vol is not set: give the rule one, or pass target_vol")
@@ -169,6 +133,3 @@ def forecast_std(forecast) -> float:
     if forecast.paths is not None:
         return float(np.std(forecast.paths[:, 0]))
     raise ValueError("the forecast has neither a distribution nor sampled paths to take a volatility from")
-
-
-__all__ = ["Signal", "SignalRule", "VolTargetRule", "forecast_std"]

@@ -19,7 +19,6 @@ from hf_kvtrade.backtest import (
     pretest_volatility,
     run_backtest,
     simulate,
-    simulate_portfolio,
 )
 from hf_kvtrade.presets import load_preset
 from hf_kvtrade.signals import Signal, SignalRule, VolTargetRule
@@ -48,7 +47,7 @@ def test_single_asset_accounting_by_hand():
 def test_portfolio_accounting_by_hand():
     asset_returns = pd.DataFrame({"a": [0.02, -0.01], "b": [0.00, 0.03]}, index=DAYS[:2])
     weights = pd.DataFrame({"a": [0.5, 1.0], "b": [0.5, 0.0]}, index=DAYS[:2])
-    book = simulate_portfolio(weights, asset_returns, transaction_cost=0.001)
+    book = simulate(weights, asset_returns, transaction_cost=0.001)
     np.testing.assert_allclose(book["traded"], [1.0, 1.0])
     np.testing.assert_allclose(book["net"], [0.01 - 0.001, -0.01 - 0.001])
 

@@ -13,7 +13,8 @@ DEFAULT_PORTFOLIO = ("skfolio_aapl", "skfolio_jpm", "skfolio_xom", "skfolio_jnj"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("backtest", help="walk-forward backtest with baselines; writes JSON and PNGs")
-    parser.add_argument("--out", required=True, help="folder for report.json and the plots")
+    parser.add_argument("--out", default="out/backtest",
+                        help="folder for report.json and the plots (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: %(default)s)")
     parser.add_argument("--series", nargs="+", default=list(DEFAULT_SERIES), help="bundled series traded one by one")
     parser.add_argument(
@@ -43,30 +44,25 @@ def run(args) -> int:
     import torch
 
     from ..backtest import run_backtest
-    from ..signals import SignalRule, VolTargetRule
     from ..checkpoint import load_checkpoint
     from ..context import ContextPolicy
+    from ..signals import SignalRule, VolTargetRule
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint)
     description = f"checkpoint {args.checkpoint}"
     print(f"model: {description}")
-    rule = SignalRule(prob_threshold=args.prob_threshold, transaction_cost=args.cost, allow_short=not args.long_only)
-    vol_rule = VolTargetRule(
-        target_vol=args.target_vol,
-        max_leverage=args.max_leverage,
-        transaction_cost=args.cost,
-        allow_short=not args.long_only,
-        fallback=args.vol_fallback,
-    )
+    costs = {"transaction_cost": args.cost, "allow_short": not args.long_only}
     report = run_backtest(
         model,
         tokenizer,
         args.out,
         series=list(args.series),
         portfolio=list(args.portfolio),
-        rule=rule,
-        vol_rule=vol_rule,
+        rule=SignalRule(prob_threshold=args.prob_threshold, **costs),
+        vol_rule=VolTargetRule(
+            target_vol=args.target_vol, max_leverage=args.max_leverage, fallback=args.vol_fallback, **costs
+        ),
         warmup=ContextPolicy.from_config(model.config).window if args.warmup is None else args.warmup,
         cache_policy=args.policy,
         limit=args.limit,
@@ -75,22 +71,20 @@ def run(args) -> int:
     for name, result in report["series"].items():
         print(f"\n{name} ({result['test_start']} .. {result['test_end']}, {result['bars']} bars, "
               f"vol target {result['vol_target']:.5f} per bar)")  # fmt: skip
-        for strategy, metrics in result["metrics"].items():
-            print(f"  {strategy:18s} {_summary(metrics)}")
+        _print_metrics(result["metrics"])
     if "multi_asset" in report:
         print(f"\nmulti-asset {report['multi_asset']['symbols']}")
-        for strategy, metrics in report["multi_asset"]["metrics"].items():
-            print(f"  {strategy:18s} {_summary(metrics)}")
+        _print_metrics(report["multi_asset"]["metrics"])
     print(f"\nlatency {json.dumps({k: round(v, 3) for k, v in report['latency'].items()})}")
     print(f"wrote {args.out}/report.json and {len(report['plots'])} plots")
     return 0
 
 
-def _summary(metrics: dict) -> str:
+def _print_metrics(strategies: dict[str, dict]) -> None:
     def fmt(value):
         return "   n/a" if value is None else f"{value:6.2f}"
 
-    return (
-        f"total {metrics['total_return']:+7.2%}  sharpe {fmt(metrics['sharpe'])}  sortino {fmt(metrics['sortino'])}  "
-        f"maxdd {metrics['max_drawdown']:7.2%}  win {fmt(metrics['win_rate'])}  turnover {metrics['turnover']:7.1f}"
-    )
+    for strategy, m in strategies.items():
+        print(f"  {strategy:18s} total {m['total_return']:+7.2%}  sharpe {fmt(m['sharpe'])}  "
+              f"sortino {fmt(m['sortino'])}  maxdd {m['max_drawdown']:7.2%}  win {fmt(m['win_rate'])}  "
+              f"turnover {m['turnover']:7.1f}")

@@ -26,18 +26,15 @@ def _lengths(text: str) -> list[int]:
 
     from ..benchmarks._common import context_list
 
-    if text == "none":
-        return []
-    lengths = list(context_list(text))
+    lengths = [] if text == "none" else list(context_list(text))
     if any(length < 4 for length in lengths):
         raise argparse.ArgumentTypeError(f"context lengths must be at least 4 tokens, got {text!r}")
     return lengths
 
 
 def run(args) -> int:
-    import json
-
-    from ..context import ContextPolicy
+    from ..benchmarks._common import write_json
+    from ..data.bundled import series_info
     from ..evaluation import context_length_curve, evaluate, format_table, heldout_series_names, update_model_card
     from ..forecasting import Forecaster
     from .train import select_frames
@@ -45,15 +42,12 @@ def run(args) -> int:
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     frames, _ = select_frames("all" if args.series == "heldout" else args.series, args.data_file)
     if args.series == "heldout":
-        from ..data.bundled import series_info
-
         markets = {name: series_info(name).market for name in frames}
         frames = {name: frames[name] for name in heldout_series_names(frames, markets)}
     results = evaluate(frames, forecaster.model, forecaster.tokenizer)
-    results["checkpoint"] = args.checkpoint
-    results["series_selection"] = args.series
+    results.update(checkpoint=args.checkpoint, series_selection=args.series)
     print(format_table(results))
-    window = ContextPolicy.from_config(forecaster.model.config).window
+    window = forecaster.context_policy.window
     if beyond := [length for length in args.context_lengths if length > window]:
         print(f"context lengths {beyond} skipped: beyond the checkpoint's {window}-token window, positions it never learned")
     if lengths := [length for length in args.context_lengths if length <= window]:
@@ -61,9 +55,7 @@ def run(args) -> int:
         results["context_length_nll"] = curve
         print("context window -> NLL: " + ", ".join(f"{length}: {nll:.4f}" for length, nll in curve.items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, results)}")
     if args.update_card:
         # The shipped checkpoint's own card names no machine-specific path: the default finds it wherever installed.
         checkpoint = "" if args.checkpoint == str(SHIPPED_CHECKPOINT) else f" --checkpoint {args.checkpoint}"
