@@ -26,7 +26,7 @@ import numpy as np
 
 from ..checkpoint import SHIPPED_CHECKPOINT
 from . import _fairness
-from ._common import context_list, percentile_ms, time_calls
+from ._common import context_list, markdown_table, percentile_ms, time_calls, verdict
 
 SECTIONS = ("throughput", "load", "prefix", "fairness")
 QUICK = {"symbols": 8, "stream_bars": 400, "concurrency": (8, 32), "rounds": 1}
@@ -621,6 +621,29 @@ def explain(payload: dict) -> list[str]:
                     f"p99 x{ratio['p99_vllm_over_hf']:.2f} (latency below 1: vLLM answers faster)."
                 )
     return lines
+
+
+def markdown(payload: dict) -> str:
+    """The report.md tables: forecasts per second and new-bar latency, and with ``fairness`` its light requests."""
+    throughput, prefix, machine = payload["throughput"], payload["prefix"], payload["machine"]
+    columns = {"measure": "measure", "Transformers / cold": "hf", "vLLM / warm": "vllm", "ratio": "ratio"}
+    rows = [
+        {"measure": "forecasts per second", "hf": throughput["hf_forecasts_per_s"],
+         "vllm": throughput["vllm_forecasts_per_s"], "ratio": throughput["ratio"]},
+        {"measure": "new-bar latency ms (prefix cold vs warm)", "hf": prefix["cold_ms"], "vllm": prefix["warm_ms"],
+         "ratio": prefix["ratio"]},
+    ]  # fmt: skip
+    parts = [markdown_table("Transformers vs vLLM serving", columns, rows, machine)]
+    if "fairness" in payload:
+        fairness = payload["fairness"]
+        columns = {
+            "p99 idle ms": "idle_p99_ms", "p50 loaded ms": "loaded_p50_ms", "p99 loaded ms": "loaded_p99_ms",
+            "target p99 < 1 s": lambda _: verdict(fairness["target"]["met"]),
+            "over-budget request": lambda _: fairness["over_budget"]["status"],
+        }
+        title = f"One-token requests beside heavy sampled paths (budget {fairness['budget_tokens']} tokens)"
+        parts.append(markdown_table(title, columns, [fairness["light"]], machine))
+    return "\n\n".join(parts)
 
 
 def summary(payload: dict) -> str:
