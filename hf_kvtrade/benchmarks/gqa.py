@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ._common import (
-    add_common_arguments, context_list, machine_info, markdown_table, percentile_ms, time_calls, write_json,
-)
+from ._common import add_common_arguments, context_list, machine_info, markdown_table, percentile_ms, time_calls
 
 FULL_CONTEXTS = (1024, 4096, 8192)
 WARMUP_STEPS = 2
@@ -99,6 +97,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ._common import write_json
+
     result = measure(
         preset=args.preset,
         contexts=args.contexts or FULL_CONTEXTS,
