@@ -63,6 +63,27 @@ def machine_label(info: dict) -> str:
     return f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch thread(s))"
 
 
+def report_machine(info: dict) -> str:
+    """The machine of a report row: CPU model, cores and the device measured on."""
+    return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores, {info.get('device', 'cpu')})"
+
+
+def markdown_table(title: str, columns: dict, rows: list[dict], machine: dict) -> str:
+    """A section of report.md: a row per dict, a column per ``{header: the row's field (blank where it has none) or a
+    function of the row}``, and last the row's machine (its own, else ``machine``)."""
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    lines = [f"## {title}\n", "| " + " | ".join([*columns, "machine"]) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        cells = [cell(key(row) if callable(key) else row.get(key)) for key in columns.values()]
+        lines.append("| " + " | ".join([*cells, report_machine(row.get("machine") or machine)]) + " |")
+    return "\n".join(lines)
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 

@@ -20,7 +20,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._common import add_common_arguments, context_list, machine_info, time_calls, write_json
+from ._common import add_common_arguments, context_list, machine_info, markdown_table, time_calls, write_json
 
 FULL_CONTEXTS = (2048, 8192, 16384)
 # --quick: one decoder layer and no 16k. Attention scores are freed layer by layer, so one layer's peak memory is
@@ -222,11 +222,16 @@ def run(args) -> int:
         num_layers=QUICK_LAYERS if args.quick else None,
         device=args.device,
     )
-    for row in result["rows"]:
-        label = f"{row['backend']:>17} {row['context']:>6} {row['mode']:>15}"
-        if "skipped" in row:
-            print(f"{label}: skipped ({row['skipped']})")
-        else:
-            print(f"{label}: prefill {row['prefill_s']:.2f} s, peak +{row['peak_extra_mib']:.0f} MiB")
+    print(markdown(result))
     print(f"wrote {write_json(args.json, result)}")
     return 0
+
+
+def markdown(result: dict) -> str:
+    columns = {
+        "backend": "backend", "context": "context", "mode": "mode", "prefill s": "prefill_s",
+        "peak extra MiB": "peak_extra_mib",
+        "memory vs eager": lambda row: row.get("memory_vs_eager", row.get("chunked_memory_reduction")),
+        "skipped": "skipped",
+    }
+    return markdown_table("Attention backends at long context (prefill)", columns, result["rows"], {})

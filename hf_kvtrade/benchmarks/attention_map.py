@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import SHIPPED_CHECKPOINT
-from ._common import machine_info, write_json
+from ._common import machine_info, markdown_table, write_json
 
 SUMMARY_LAGS = (1, 5, 20, 60)
 
@@ -106,8 +106,16 @@ def run(args) -> int:
     summary = {key: value for key, value in result.items() if key != "map"}
     summary["weights_by_lag"] = result["weights_by_lag"].tolist()
     write_json(Path(args.out) / "attention_map.json", summary)
-    within = ", ".join(f"last {lag}: {mass:.1%}" for lag, mass in result["mass_within_last"].items())
     print(f"{result['source']}, {result['series']} ({result['first_bar'][:10]} .. {result['last_bar'][:10]})")
-    print(f"attention mass of the next forecast within the {within}; mean lag {result['mean_lag']:.1f} bars")
+    print(markdown(summary))
     print(f"wrote {result['plot']} and {Path(args.out) / 'attention_map.json'}")
     return 0
+
+
+def markdown(result: dict) -> str:
+    mass = result["mass_within_last"]
+    title = f"Where the next forecast looks ({result['series']}, {result['context_length']} bars)"
+    columns = {"attention mass on the last N bars": lambda _: "share", **{lag: lag for lag in mass}}
+    columns["mean lag"] = "mean_lag"
+    table = markdown_table(title, columns, [{**mass, "mean_lag": result["mean_lag"]}], result["machine"])
+    return table + "\n\n![attention map](attention_map/attention_map.png)"

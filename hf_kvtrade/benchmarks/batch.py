@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from ._common import add_common_arguments
+from ._common import add_common_arguments, markdown_table
 
 DEFAULT_SYMBOLS = (1, 8, 64, 256)
 TARGET_SYMBOLS = 64
@@ -106,5 +106,16 @@ def run(args) -> int:
         "target": {"symbols": TARGET_SYMBOLS, "speedup": TARGET_SPEEDUP, "verdict": met},
         "results": results,
     }
+    print(markdown(report))
     print(f"wrote {write_json(args.json, report)}")
     return 0
+
+
+def markdown(report: dict) -> str:
+    columns = {
+        "symbols": "symbols", "batched ticks/s": "batched_ticks_per_s", "sequential ticks/s": "sequential_ticks_per_s",
+        "speedup": "speedup", "CPU-time speedup": "cpu_speedup", "step p50 ms": "batch_step_p50_ms",
+        "step p99 ms": "batch_step_p99_ms",
+    }
+    title = "Batched ticks (update_many) vs one update per symbol"
+    return markdown_table(title, columns, list(report["results"].values()), report["machine"])

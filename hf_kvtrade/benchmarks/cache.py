@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 
-from ._common import add_common_arguments
+from ._common import add_common_arguments, markdown_table, verdict
 
 POLICIES = ("full", "int8", "int4", "sink", "selective")
 # Largest share of the edge each policy may lose (issue 13).
@@ -108,18 +108,6 @@ def _target(policy: str, row: dict) -> dict:
     return {"limit": limit, "met": share <= limit}
 
 
-def _print_rows(rows: dict, full_bytes: int) -> None:
-    headers = f"{'policy':<10} {'tokens':>7} {'MB held':>8} {'ratio':>6} {'ΔNLL/bar':>10} {'± s.e.':>8} {'of edge':>9}"
-    print(f"{headers} {'p50 ms':>7}")
-    for name, row in rows.items():
-        share = "n/a" if row["share_of_edge"] is None else f"{100 * row['share_of_edge']:+.2f}%"
-        print(
-            f"{name:<10} {row['tokens_held']:>7} {row['bytes_held'] / 1e6:>8.3f} "
-            f"{row['bytes_held'] / full_bytes:>6.3f} {row['nll_change']:>+10.5f} {row['nll_change_stderr']:>8.5f} "
-            f"{share:>9} {row['p50_ms']:>7.2f}"
-        )
-
-
 def run(args) -> int:
     import torch
 
@@ -129,7 +117,7 @@ def run(args) -> int:
     from ..data import load_series
     from ..data.windows import tokenize_period
     from ..evaluation import model_forecast, returns_and_test_start, unconditional_forecast
-    from ._common import machine_info, print_target, write_json
+    from ._common import machine_info, write_json
 
     if args.long_windows < 1:
         raise ValueError(f"--long-windows must be at least 1, got {args.long_windows}")
@@ -227,37 +215,6 @@ def run(args) -> int:
     long_row["target"] = _target("sink", long_row)
 
     machine = machine_info()
-    full = window_rows["full"]
-    print(
-        f"\nW={context.window}: every policy rebased by the context policy; {len(full_nll)} bars; edge of the full cache "
-        f"over the unconditional Student-t: {full['edge']:.5f} ± {full['edge_stderr']:.5f} nats/bar"
-    )
-    _print_rows(window_rows, full["bytes_held"])
-    print(
-        f"full cache vs the context-policy forecast of `kvtrade evaluate`: largest gap "
-        f"{full['max_abs_nll_gap_to_context_policy_forecast']:.2e} nats on a bar"
-    )
-    print(
-        f"\n{args.long_windows}W={long_ticks}: the sink streams {long_ticks} ticks before the first scored bar without a "
-        f"rebase ({', '.join(long_names)}; {len(long_reference)} bars); reference: the context-policy "
-        f"forecast (positions never exceed W); edge {long_row['edge']:.5f} ± {long_row['edge_stderr']:.5f} nats/bar. "
-        "full, int8, int4 and selective rebase by the context policy, so on any stream they forecast as in the W rows."
-    )
-    _print_rows({"sink": long_row}, full["bytes_held"])
-    rebased = long_row["rebased_on_the_same_bars"]
-    print(
-        f"the sink rebased by the policy on the same bars: {rebased['nll_change']:+.5f} ± "
-        f"{rebased['nll_change_stderr']:.5f} nats/bar"
-        + ("" if rebased["share_of_edge"] is None else f" ({100 * rebased['share_of_edge']:+.2f}% of the edge)")
-    )
-    print("\ntargets (share of the edge lost):")
-    targets = [(f"W={context.window}", policy, row) for policy, row in window_rows.items() if "target" in row]
-    for setting, policy, row in [*targets, (f"{args.long_windows}W={long_ticks}", "sink", long_row)]:
-        share, target = row["share_of_edge"], row["target"]
-        measured = f"n/a ({target['why']})" if share is None else f"{100 * share:+.2f}%"
-        limit = f"<= {100 * target['limit']:.0f}% of the edge"
-        print_target(f"{setting} {policy} {limit}", measured, target["met"], machine)
-
     payload = {
         "benchmark": "cache",
         "model": f"checkpoint {args.checkpoint}",
@@ -270,5 +227,49 @@ def run(args) -> int:
         "window": window_rows,
         "long_stream": long_row,
     }
+    full = window_rows["full"]
+    print(
+        f"\nW={context.window}: every policy rebased by the context policy; {len(full_nll)} bars; edge of the full cache "
+        f"over the unconditional Student-t: {full['edge']:.5f} ± {full['edge_stderr']:.5f} nats/bar"
+    )
+    print(
+        f"full cache vs the context-policy forecast of `kvtrade evaluate`: largest gap "
+        f"{full['max_abs_nll_gap_to_context_policy_forecast']:.2e} nats on a bar"
+    )
+    print(
+        f"\n{args.long_windows}W={long_ticks}: the sink streams {long_ticks} ticks before the first scored bar without a "
+        f"rebase ({', '.join(long_names)}; {len(long_reference)} bars); reference: the context-policy "
+        f"forecast (positions never exceed W); edge {long_row['edge']:.5f} ± {long_row['edge_stderr']:.5f} nats/bar. "
+        "full, int8, int4 and selective rebase by the context policy, so on any stream they forecast as in the W rows."
+    )
+    rebased = long_row["rebased_on_the_same_bars"]
+    print(
+        f"the sink rebased by the policy on the same bars: {rebased['nll_change']:+.5f} ± "
+        f"{rebased['nll_change_stderr']:.5f} nats/bar"
+        + ("" if rebased["share_of_edge"] is None else f" ({100 * rebased['share_of_edge']:+.2f}% of the edge)")
+    )
+    print(markdown(payload))  # its target column holds each policy's verdict (share of the edge lost)
     print(f"wrote {write_json(args.json, payload)}")
     return 0
+
+
+def markdown(payload: dict) -> str:
+    full_bytes = payload["window"]["full"]["bytes_held"]
+
+    def cells(setting: str, policy: str, row: dict) -> dict:
+        share, target = row["share_of_edge"], row.get("target")
+        met = None if target is None else f"≤{100 * target['limit']:.0f}%: {verdict(target['met'])}"
+        met = f"{met} ({target['why']})" if target and "why" in target else met
+        share = None if share is None else 100 * share
+        vs_full = row["bytes_held"] / full_bytes
+        return {**row, "setting": setting, "policy": policy, "vs_full": vs_full, "share": share, "met": met}
+
+    long_stream = payload["long_stream"]
+    rows = [cells(f"W={payload['context_policy']['window']}", name, row) for name, row in payload["window"].items()]
+    rows.append(cells(f"{long_stream['stream_ticks_before_first_scored_bar']}-tick stream", "sink", long_stream))
+    columns = {
+        "setting": "setting", "policy": "policy", "tokens held": "tokens_held", "bytes held": "bytes_held",
+        "bytes vs full": "vs_full", "NLL change nats/bar": "nll_change", "± s.e.": "nll_change_stderr",
+        "% of edge over uncond. t": "share", "target": "met", "step p50 ms": "p50_ms",
+    }
+    return markdown_table("Cache policies: bytes and nats per bar lost", columns, rows, payload["machine"])

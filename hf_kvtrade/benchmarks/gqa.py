@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ._common import add_common_arguments, context_list, machine_info, percentile_ms, time_calls, write_json
+from ._common import add_common_arguments, context_list, machine_info, markdown_table, percentile_ms, time_calls
 
 FULL_CONTEXTS = (1024, 4096, 8192)
 WARMUP_STEPS = 2
@@ -97,6 +97,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ._common import write_json
+
     result = measure(
         preset=args.preset,
         contexts=args.contexts or FULL_CONTEXTS,
@@ -104,11 +106,15 @@ def run(args) -> int:
         attn_implementation=args.attn_implementation,
         device=args.device,
     )
-    for row in result["rows"]:
-        print(
-            f"{row['attention']:>4} kv_heads={row['num_key_value_heads']} context={row['context']:>5}: "
-            f"{row['cache_bytes_per_token']:.0f} B/token ({row['cache_reduction_vs_mha']:.1f}x less), "
-            f"decode p50 {row['decode_p50_ms']:.2f} ms ({row['decode_speedup_vs_mha']:.2f}x faster)"
-        )
+    print(markdown(result))
     print(f"wrote {write_json(args.json, result)}")
     return 0
+
+
+def markdown(result: dict) -> str:
+    columns = {
+        "attention": "attention", "kv heads": "num_key_value_heads", "context": "context",
+        "cache bytes/token": "cache_bytes_per_token", "decode p50 ms": "decode_p50_ms",
+        "cache vs MHA": "cache_reduction_vs_mha", "speed vs MHA": "decode_speedup_vs_mha",
+    }
+    return markdown_table("MHA vs GQA vs MQA at equal width", columns, result["rows"], {})

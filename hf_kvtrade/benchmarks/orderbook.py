@@ -7,7 +7,7 @@ the target is 10x, and the same ratio on CPU time is printed beside it. Method a
 
 from __future__ import annotations
 
-from ._common import add_common_arguments
+from ._common import add_common_arguments, markdown_table, verdict
 
 TARGET_HEADROOM = 10.0
 QUICK_EVENTS = 60_000
@@ -17,6 +17,16 @@ def add_arguments(parser) -> None:
     add_common_arguments(parser, "orderbook", quick=f"replay the first {QUICK_EVENTS:,} order events", threads=True)
     parser.add_argument("--checkpoint", help="order-book model folder (default: the shipped kvtrade-orderbook)")
     parser.add_argument("--limit-events", type=int, help="replay only the first N order events (default: all)")
+
+
+def first_events(orders, trades, limit: int | None):
+    """The first ``limit`` order events (all of them when None) and the trades up to the last of those."""
+    if limit is None:
+        return orders, trades
+    if limit < 1:
+        raise SystemExit("--limit-events must be at least 1")
+    orders = orders.iloc[:limit]
+    return orders, trades[trades["exchange_timestamp"] <= orders["exchange_timestamp"].iloc[-1]]
 
 
 def _peak_events_per_second(orders, meta: dict) -> int:
@@ -54,18 +64,14 @@ def run(args) -> int:
     from ..orderbook.analyzer import StreamingOrderBookAnalyzer
     from ..orderbook.capture import load_meta, load_orders, load_trades
     from ..orderbook.training import SHIPPED_ORDERBOOK_CHECKPOINT, load_orderbook_model
-    from ._common import machine_info, machine_label, percentile_ms, print_target, write_json
+    from ._common import machine_info, machine_label, percentile_ms, write_json
 
     torch.set_num_threads(args.threads)
     args.checkpoint = args.checkpoint or str(SHIPPED_ORDERBOOK_CHECKPOINT)
     orders, trades = load_orders(), load_trades()
     peak = _peak_events_per_second(orders, load_meta())
     limit = QUICK_EVENTS if args.quick and args.limit_events is None else args.limit_events
-    if limit is not None:
-        if limit < 1:
-            raise SystemExit("--limit-events must be at least 1")
-        orders = orders.iloc[:limit]
-        trades = trades[trades["exchange_timestamp"] <= orders["exchange_timestamp"].iloc[-1]]
+    orders, trades = first_events(orders, trades, limit)
     model, tokenizer = load_orderbook_model(args.checkpoint)
     machine = machine_info()
     events = len(orders) + len(trades)
@@ -111,19 +117,25 @@ def run(args) -> int:
     }
     print(f"machine: {machine_label(machine)}, load average {load:.1f} at the end")
     print(f"{len(orders):,} order events + {len(trades):,} trades; busiest second of the capture: {peak:,} live events")
-    print(f"{'run':<24} {'seconds':>8} {'events/s':>10} {'ticks/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cache bytes':>12}")
-    nan = float("nan")
-    for name, row in rows.items():
-        print(
-            f"{name:<24} {row['seconds']:8.1f} {row['events_per_s']:10,.0f} {row.get('ticks_per_s', nan):8,.0f} "
-            f"{row.get('p50_tick_ms', nan):7.2f} {row.get('p99_tick_ms', nan):7.2f} {row.get('cache_bytes', 0):12,}"
-        )
     print(f"int8 vs full cache: largest difference of a move probability {payload['int8_vs_full_max_prob_difference']:.2e}")
-    headroom_target = f"headroom over the peak rate >= {TARGET_HEADROOM:.0f}x"
-    print_target(headroom_target, f"{headroom:.1f}x", payload["target_met"], machine)
+    print(markdown(payload))  # its headroom line is the target's verdict; its rows name the machine
     print(
         f"on the process's CPU time ({int8['cpu_seconds']:.1f} s): {int8['events_per_cpu_s']:,.0f} events/s, "
         f"{cpu_headroom:.1f}x the peak"
     )
     print(f"wrote {write_json(args.json, payload)}")
     return 0
+
+
+def markdown(payload: dict) -> str:
+    events, peak = payload["order_events"], payload["peak_live_events_per_s"]
+    title = f"Order-book replay ({events:,} events, capture peak {peak:,.0f}/s)"
+    columns = {
+        "path": "path", "seconds": "seconds", "events/s": "events_per_s", "ticks/s": "ticks_per_s",
+        "tick p50 ms": "p50_tick_ms", "tick p99 ms": "p99_tick_ms", "cache bytes": "cache_bytes",
+    }
+    rows = [{"path": path, **row} for path, row in payload["rows"].items()]
+    return markdown_table(title, columns, rows, payload["machine"]) + (
+        f"\n\nHeadroom over the peak: {payload['headroom']:.1f}x (target {payload['target_headroom']:.0f}x: "
+        f"{verdict(payload['target_met'])})."
+    )

@@ -24,9 +24,8 @@ from functools import partial
 
 import numpy as np
 
-from ..checkpoint import SHIPPED_CHECKPOINT
 from . import _fairness
-from ._common import context_list, percentile_ms, time_calls
+from ._common import add_common_arguments, context_list, markdown_table, percentile_ms, time_calls, verdict
 
 SECTIONS = ("throughput", "load", "prefix", "fairness")
 QUICK = {"symbols": 8, "stream_bars": 400, "concurrency": (8, 32), "rounds": 1}
@@ -51,8 +50,11 @@ OPTIONS = (
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="model folder (default: the shipped one)")
+    quick = (
+        f"{QUICK['symbols']} symbols, {QUICK['stream_bars']} streamed bars, concurrency "
+        f"{','.join(map(str, QUICK['concurrency']))}, {QUICK['rounds']} round"
+    )
+    add_common_arguments(parser, "serve", quick=quick, checkpoint=True)
     for flag, kind, default, text in OPTIONS:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument(
@@ -65,11 +67,6 @@ def add_arguments(parser) -> None:
         "or both are measured (the default)",
     )  # fmt: skip
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these parts")
-    parser.add_argument(
-        "--quick", action="store_true",
-        help=f"{QUICK['symbols']} symbols, {QUICK['stream_bars']} streamed bars, concurrency "
-        f"{','.join(map(str, QUICK['concurrency']))}, {QUICK['rounds']} round",
-    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slower start)")
     _fairness.add_arguments(parser)
 
@@ -623,6 +620,29 @@ def explain(payload: dict) -> list[str]:
     return lines
 
 
+def markdown(payload: dict) -> str:
+    """The report.md tables: forecasts per second and new-bar latency, and with ``fairness`` its light requests."""
+    throughput, prefix, machine = payload["throughput"], payload["prefix"], payload["machine"]
+    columns = {"measure": "measure", "Transformers / cold": "hf", "vLLM / warm": "vllm", "ratio": "ratio"}
+    rows = [
+        {"measure": "forecasts per second", "hf": throughput["hf_forecasts_per_s"],
+         "vllm": throughput["vllm_forecasts_per_s"], "ratio": throughput["ratio"]},
+        {"measure": "new-bar latency ms (prefix cold vs warm)", "hf": prefix["cold_ms"], "vllm": prefix["warm_ms"],
+         "ratio": prefix["ratio"]},
+    ]  # fmt: skip
+    parts = [markdown_table("Transformers vs vLLM serving", columns, rows, machine)]
+    if "fairness" in payload:
+        fairness = payload["fairness"]
+        columns = {
+            "p99 idle ms": "idle_p99_ms", "p50 loaded ms": "loaded_p50_ms", "p99 loaded ms": "loaded_p99_ms",
+            "target p99 < 1 s": lambda _: verdict(fairness["target"]["met"]),
+            "over-budget request": lambda _: fairness["over_budget"]["status"],
+        }
+        title = f"One-token requests beside heavy sampled paths (budget {fairness['budget_tokens']} tokens)"
+        parts.append(markdown_table(title, columns, [fairness["light"]], machine))
+    return "\n\n".join(parts)
+
+
 def summary(payload: dict) -> str:
     lines = ["== kvtrade bench serve ==", *payload.get("explanation", [])]
     for server in ("vllm_server", *NAIVE_SERVERS):
@@ -632,9 +652,6 @@ def summary(payload: dict) -> str:
     if "fairness" in payload:
         machine = payload["machine"]
         lines += _fairness.report(payload["fairness"], f"{machine['cpu']}, {machine['cores']} cores")
-    if "prefix" in payload:
-        prefix = payload["prefix"]
-        lines.append(
-            f"new bar: cold {prefix['cold_ms']:.1f} ms, warm {prefix['warm_ms']:.1f} ms (warm/cold {prefix['ratio']:.3f})"
-        )
+    if "prefix" in payload:  # with the throughput section: the tables of report.md
+        lines.append(markdown(payload))
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ._common import add_common_arguments
+from ._common import add_common_arguments, markdown_table
 
 FLOOR_MULTIPLE = 1.5
 FLATNESS = 1.3
@@ -114,8 +114,18 @@ def run(args) -> int:
         "flatness": round(flatness, 2),
         "targets": targets,
     }
+    print(markdown(report))
     print(f"wrote {write_json(args.json, report)}")
     return 0
+
+
+def markdown(report: dict) -> str:
+    columns = {
+        "context": "context", "incremental p50 ms": "incremental_p50_ms", "floor ms": "read_weights_and_cache_ms",
+        "p50 / floor": "p50_over_floor", "recompute ms": "recompute_ms", "recompute / p50": "recompute_over_p50",
+    }
+    rows = [{"context": context, **row} for context, row in report["contexts"].items()]
+    return markdown_table("KV cache vs full recompute, per tick", columns, rows, report["machine"])
 
 
 def _read_once_ms(model, cache) -> float:

@@ -39,16 +39,13 @@ def _replay(args, orders, trades) -> int:
     import numpy as np
     import pandas as pd
 
+    from ..benchmarks.orderbook import first_events
     from ..orderbook.analyzer import StreamingOrderBookAnalyzer
     from ..orderbook.plot import plot_orderbook_forecasts
     from ..orderbook.training import load_orderbook_model, split_by_time
 
     model, tokenizer = load_orderbook_model(args.checkpoint)
-    if args.limit_events is not None:
-        if args.limit_events < 1:
-            raise SystemExit("--limit-events must be at least 1")
-        orders = orders.iloc[: args.limit_events]
-        trades = trades[trades["exchange_timestamp"] <= orders["exchange_timestamp"].iloc[-1]]
+    orders, trades = first_events(orders, trades, args.limit_events)
     analyzer = StreamingOrderBookAnalyzer(model, tokenizer, cache_policy=args.cache)
     print(f"replaying {len(orders):,} order events and {len(trades):,} trades through {args.checkpoint} "
           f"({args.cache} cache, {analyzer.clock.clock_ms} ms ticks, context window {analyzer.policy.window} tokens)")  # fmt: skip
