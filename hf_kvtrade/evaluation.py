@@ -308,11 +308,8 @@ def _target_counts(targets: dict) -> dict[str, tuple[int, int]]:
 
 
 def _aggregate_line(results: dict) -> str:
-    aggregate = results["models"]
-    return (
-        f"{_mark(results['targets']['aggregate']['nll_vs_garch_t'])} "
-        f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
-    )
+    nll = {name: results["models"][name]["nll"] for name in ("kvtrade", "garch_t")}
+    return f"{_mark(results['targets']['aggregate']['nll_vs_garch_t'])} ({nll['kvtrade']:.4f} vs {nll['garch_t']:.4f})"
 
 
 # Text columns of the per-series table after the series name, with their widths.
