@@ -224,11 +224,8 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dic
 
 
 def check_targets(results: dict, model_name: str = "kvtrade") -> dict:
-    """Which targets ``model_name`` meets: ``{"aggregate": {...}, "series": {name: {...}}}``, each a bool.
-
-    Aggregate: NLL at most GARCH-t's. Every series: NLL below the random walk's and the unconditional t's, and
-    each interval's coverage inside :data:`COVERAGE_TARGETS`.
-    """
+    """Which targets (see :data:`COVERAGE_TARGETS`) ``model_name`` meets, each a bool:
+    ``{"aggregate": {...}, "series": {name: {...}}}``."""
 
     def checks(models: dict) -> dict:
         mine = models[model_name]
