@@ -233,9 +233,12 @@ def save_model_card(output_dir: str | os.PathLike, tag: str, sections: list[str]
     from huggingface_hub import ModelCard, ModelCardData
 
     name = Path(output_dir).name
-    tags = ["kvtrade", "finance", tag, "custom_code"]
     card_data = ModelCardData(
-        library_name="transformers", license="apache-2.0", pipeline_tag="time-series-forecasting", tags=tags, model_name=name
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="time-series-forecasting",
+        tags=["kvtrade", "finance", tag, "custom_code"],
+        model_name=name,
     )
     path = Path(output_dir) / "README.md"
     ModelCard("\n\n".join([f"---\n{card_data.to_yaml()}\n---", f"# {name}", *sections]) + "\n").save(path)
