@@ -224,11 +224,8 @@ def evaluate(frames: dict[str, pd.DataFrame], model=None, tokenizer=None) -> dic
 
 
 def check_targets(results: dict, model_name: str = "kvtrade") -> dict:
-    """Which targets ``model_name`` meets: ``{"aggregate": {...}, "series": {name: {...}}}``, each a bool.
-
-    Aggregate: NLL at most GARCH-t's. Every series: NLL below the random walk's and the unconditional t's, and
-    each interval's coverage inside :data:`COVERAGE_TARGETS`.
-    """
+    """Which targets (see :data:`COVERAGE_TARGETS`) ``model_name`` meets, each a bool:
+    ``{"aggregate": {...}, "series": {name: {...}}}``."""
 
     def checks(models: dict) -> dict:
         mine = models[model_name]
@@ -308,11 +305,8 @@ def _target_counts(targets: dict) -> dict[str, tuple[int, int]]:
 
 
 def _aggregate_line(results: dict) -> str:
-    aggregate = results["models"]
-    return (
-        f"{_mark(results['targets']['aggregate']['nll_vs_garch_t'])} "
-        f"({aggregate['kvtrade']['nll']:.4f} vs {aggregate['garch_t']['nll']:.4f})"
-    )
+    nll = {name: results["models"][name]["nll"] for name in ("kvtrade", "garch_t")}
+    return f"{_mark(results['targets']['aggregate']['nll_vs_garch_t'])} ({nll['kvtrade']:.4f} vs {nll['garch_t']:.4f})"
 
 
 # Text columns of the per-series table after the series name, with their widths.

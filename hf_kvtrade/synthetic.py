@@ -4,7 +4,7 @@ Log-returns are ``r_t = mu + sqrt(h_t) z_t + J_t``: ``z`` Student-t scaled to un
 variance of GARCH(1,1), GJR-GARCH (leverage: ``gamma`` more after a fall), log-AR(1) stochastic volatility or a
 two-state Markov regime, always with unconditional variance ``sigma**2``, and ``J`` optional compound-Poisson jumps.
 Prices are rounded to a per-series tick, so quiet series show the zero returns of real quotes. docs/data.md gives
-the parameter ranges. Series ``i`` of a seed is the same however many series are generated (one child seed each).
+the parameter ranges.
 """
 
 from __future__ import annotations
@@ -216,11 +216,8 @@ def simulate(params: SyntheticParams, length: int, rng: np.random.Generator, nam
 
 def generate(num_series: int, length: int, seed: int, models: tuple[str, ...] = MODELS,
              freq: str = "1h") -> list[SyntheticSeries]:  # fmt: skip
-    """``num_series`` series of ``length`` prices, models cycling through ``models``, parameters drawn per series.
-
-    Series ``i`` uses the ``i``-th child of ``numpy.random.SeedSequence(seed)``, so it does not depend on
-    ``num_series``.
-    """
+    """``num_series`` series of ``length`` prices, models cycling through ``models``; series ``i`` draws from the
+    ``i``-th child of ``numpy.random.SeedSequence(seed)``, so it is the same whatever ``num_series``."""
     if not models or any(model not in MODELS for model in models):
         raise ValueError(f"models must be a non-empty subset of {MODELS}, got {models}")
     series = []

@@ -195,15 +195,6 @@ def train(
 
 def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Path:
     """README.md of the checkpoint (a `huggingface_hub.ModelCard`): data, periods, the exact command, metrics."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    card_data = ModelCardData(
-        library_name="transformers",
-        license="apache-2.0",
-        pipeline_tag="time-series-forecasting",
-        tags=["kvtrade", "finance", "time-series", "custom_code"],
-        model_name=Path(run.output_dir).name,
-    )
     periods = {row["series"]: row for row in run.periods}
     source_rows = "\n".join(
         f"| {source['name']} | {source['description']} | `{source['package']}` {source.get('package_version', '')} "
@@ -211,9 +202,7 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
         f"{periods[source['name']]['train']['end'][:10]} | {periods[source['name']]['test']['start'][:10]} |"
         for source in sources
     )
-    lines = [
-        f"---\n{card_data.to_yaml()}\n---",
-        f"# {Path(run.output_dir).name}",
+    sections = [
         "A decoder-only transformer (Llama layout, grouped-query attention) over log-return tokens of price "
         "series, from the hf-kvtrade project. Its next-token distribution is a forecast of the next "
         "bar's log-return: load it with `hf_kvtrade.Forecaster.from_pretrained(path)`, or with "
@@ -236,8 +225,23 @@ def write_model_card(run: TrainingRun, command: str, sources: list[dict]) -> Pat
         f"Validation cross-entropy (nats per bar): {run.initial_validation_loss:.4f} at initialisation, "
         f"{run.validation_loss:.4f} after training (best step: {run.best_step}).",
     ]
-    path = Path(run.output_dir) / "README.md"
-    ModelCard("\n\n".join(lines) + "\n").save(path)
+    return save_model_card(run.output_dir, "time-series", sections)
+
+
+def save_model_card(output_dir: str | os.PathLike, tag: str, sections: list[str]) -> Path:
+    """Writes ``README.md`` of a checkpoint folder: Hub metadata, the folder's name as the title, then ``sections``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    name = Path(output_dir).name
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="time-series-forecasting",
+        tags=["kvtrade", "finance", tag, "custom_code"],
+        model_name=name,
+    )
+    path = Path(output_dir) / "README.md"
+    ModelCard("\n\n".join([f"---\n{card_data.to_yaml()}\n---", f"# {name}", *sections]) + "\n").save(path)
     return path
 
 

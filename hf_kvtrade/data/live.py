@@ -29,11 +29,8 @@ class BybitRateLimitError(BybitError):
 
 @dataclass
 class BybitClient:
-    """Fetches klines from ``GET /v5/market/kline``, paging backwards through time.
-
-    Bybit returns at most 1000 bars per request, newest first. Rate-limit replies and server errors are retried
-    with exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``); other API
-    errors raise :class:`BybitError` at once.
+    """Fetches klines from ``GET /v5/market/kline``, paging backwards through time (at most 1000 bars a request).
+    Rate limits and server errors are retried with exponential backoff, other API errors raise at once (docs/data.md).
     """
 
     base_url: str = BYBIT_URL

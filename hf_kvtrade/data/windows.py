@@ -80,8 +80,8 @@ def token_windows(
         ids = tokenize_period(frame, tokenizer)  # ids[k] is the return ending on bar k
         bounds = np.cumsum([0, *(len(part) for part in split_periods(frame, fractions))])
         for period, first_bar, end_bar in zip(PERIODS, bounds[:-1], bounds[1:]):
-            windows = policy_windows(ids[:end_bar], policy, tokenizer.pad_token_id, first_target=max(int(first_bar), 1))
-            input_ids, labels, starts = windows
+            first_target = max(int(first_bar), 1)
+            input_ids, labels, starts = policy_windows(ids[:end_bar], policy, tokenizer.pad_token_id, first_target)
             columns[period]["input_ids"] += input_ids.tolist()
             columns[period]["labels"] += labels.tolist()
             columns[period]["series"] += [name] * len(input_ids)

@@ -7,6 +7,7 @@ of a full forward over the policy's context (exactly with the ``full`` cache, to
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,15 +63,9 @@ def merged_events(orders: pd.DataFrame, trades: pd.DataFrame) -> Iterator[tuple[
     of a millisecond before its trades; ``fields`` are the arguments of ``add_order``/``add_trade`` before the stamp."""
     columns = (trades[column].tolist() for column in ("exchange_timestamp", "side", "amount"))
     trade_rows = ((stamp, False, (side, amount)) for stamp, side, amount in zip(*columns))
-    next_trade = next(trade_rows, None)
-    for event in order_events(orders):
-        while next_trade is not None and next_trade[0] < event[-1]:
-            yield next_trade
-            next_trade = next(trade_rows, None)
-        yield event[-1], True, event[:-1]
-    if next_trade is not None:
-        yield next_trade
-        yield from trade_rows
+    order_rows = ((event[-1], True, event[:-1]) for event in order_events(orders))
+    # heapq.merge breaks ties by input order, so at equal stamps the orders come first.
+    return heapq.merge(order_rows, trade_rows, key=lambda event: event[0])
 
 
 class StreamingOrderBookAnalyzer:

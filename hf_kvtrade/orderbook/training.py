@@ -131,13 +131,9 @@ def train_orderbook_model(frame: pd.DataFrame, output_dir: str | os.PathLike, to
 
 def write_model_card(output_dir: str | os.PathLike, command: str, run: dict, report_table: str) -> Path:
     """README.md of an order-book checkpoint (a `huggingface_hub.ModelCard`): data, split, command, metrics."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from ..training import save_model_card
 
-    card_data = ModelCardData(library_name="transformers", license="apache-2.0", pipeline_tag="time-series-forecasting",
-                              tags=["kvtrade", "finance", "order-book", "custom_code"], model_name=Path(output_dir).name)  # fmt: skip
-    lines = [
-        f"---\n{card_data.to_yaml()}\n---",
-        f"# {Path(output_dir).name}",
+    sections = [
         ("A decoder-only transformer (`KVTradeForCausalLM`, hf-kvtrade) over order-book tick tokens: each 100 ms tick "
         "of the Bitstamp BTC/USD book is three tokens (the mid's move since the tick before in 0.5 USD steps, the "
         "top-of-book depth imbalance bin, the order-flow-imbalance bin; `orderbook_tokenizer.json`), and the "
@@ -156,9 +152,7 @@ def write_model_card(output_dir: str | os.PathLike, command: str, run: dict, rep
         "## Metrics (next-tick mid move, against baselines on the same ticks and bins)",
         report_table,
     ]
-    path = Path(output_dir) / "README.md"
-    ModelCard("\n\n".join(lines) + "\n").save(path)
-    return path
+    return save_model_card(output_dir, "order-book", sections)
 
 
 def load_orderbook_model(path: str | os.PathLike):
