@@ -101,10 +101,11 @@ class KVPolicyLayer(CacheLayerMixin):
     """Shared plumbing of the policy layers: seen-token counting, mask sizes, beam reordering and byte accounting,
     over the batch-major tensors a subclass names in ``state_names`` (so no piece of state can be forgotten)."""
 
-    is_compileable = False
     # Evicted or quantized tokens cannot be restored, so assisted decoding must not try to roll the cache back.
     is_croppable = False
     state_names: tuple[str, ...] = ("keys", "values")
+    # The states whose token axes together count the tokens held.
+    token_states: tuple[str, ...] = ("keys",)
 
     def __init__(self):
         super().__init__()
@@ -117,7 +118,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        return sum(getattr(self, name).shape[-2] for name in self.token_states) if self.is_initialized else 0
 
     def nbytes(self) -> int:
         return sum(getattr(self, name).nbytes for name in self.state_names) if self.is_initialized else 0
@@ -157,6 +158,7 @@ class KIVILayer(KVPolicyLayer):
     """
 
     state_names = ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+    token_states = ("key_codes", "keys")
 
     def __init__(self, bits: int, residual_length: int, value_group_size: int):
         super().__init__()
@@ -169,9 +171,6 @@ class KIVILayer(KVPolicyLayer):
         # Quantizing no tokens gives the quantized state its empty shapes and dtypes.
         for name, tensor in zip(self.state_names[2:], self._quantized_oldest(0)):
             setattr(self, name, tensor)
-
-    def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.key_codes.shape[-2] + self.keys.shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -221,6 +220,7 @@ class SinkLayer(KVPolicyLayer):
     """
 
     state_names = ("sink_keys", "sink_values", "keys", "values")
+    token_states = ("sink_keys", "keys")
 
     def __init__(self, num_sink_tokens: int, window: int, rotary_embedding: nn.Module):
         super().__init__()
@@ -231,9 +231,6 @@ class SinkLayer(KVPolicyLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
-
-    def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.sink_keys.shape[-2] + self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return self.num_sink_tokens + self.window
@@ -470,9 +467,6 @@ class PrefixedLayer(CacheLayerMixin):
 
     Only the wrapped layer is written and counted in ``nbytes()``; the prefix is read by reference.
     """
-
-    is_compileable = False
-    is_croppable = False
 
     def __init__(self, prefix: FullKVLayer, layer: CacheLayerMixin):
         # No CacheLayerMixin.__init__: the wrapped layer's state is the only state.
