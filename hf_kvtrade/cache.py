@@ -12,6 +12,8 @@ docs/cache_policies.md.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
@@ -120,6 +122,17 @@ class KVPolicyLayer(CacheLayerMixin):
     def num_tokens_held(self) -> int:
         return sum(getattr(self, name).shape[-2] for name in self.token_states) if self.is_initialized else 0
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self._append(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        return keys, values
+
+    @abstractmethod
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new tokens by the layer's policy; returns the keys and values their attention reads."""
+
     def nbytes(self) -> int:
         return sum(getattr(self, name).nbytes for name in self.state_names) if self.is_initialized else 0
 
@@ -172,10 +185,7 @@ class KIVILayer(KVPolicyLayer):
         for name, tensor in zip(self.state_names[2:], self._quantized_oldest(0)):
             setattr(self, name, tensor)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys_out = torch.cat([self._dequantized_keys(), self.keys, key_states], dim=-2)
         values_out = torch.cat([self._dequantized_values(), self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -235,13 +245,10 @@ class SinkLayer(KVPolicyLayer):
     def get_max_length(self) -> int:
         return self.num_sink_tokens + self.window
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         evicted = self.cumulative_length - self.num_tokens_held()
         keys_out = torch.cat([self._shifted_sink_keys(evicted), self.keys, key_states], dim=-2)
         values_out = torch.cat([self.sink_values, self.values, value_states], dim=-2)
-        self.cumulative_length += key_states.shape[-2]
 
         free_sinks = self.num_sink_tokens - self.sink_keys.shape[-2]
         if free_sinks > 0:
@@ -285,16 +292,13 @@ class SelectiveLayer(KVPolicyLayer):
     def get_max_length(self) -> int:
         return self.budget
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.awaiting_attention:
             raise RuntimeError(
                 f"selective policy {self.policy!r} ranks tokens by the attention they receive, but the last forward "
                 "pass reported none: call hf_kvtrade.cache.track_attention(model) once and run the model with "
                 "attn_implementation='eager'"
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.uses_attention:
@@ -369,20 +373,14 @@ class FullKVLayer(KVPolicyLayer):
         self.growable = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
-        self.values = torch.zeros_like(self.keys)
-        self.is_initialized = True
+        super().lazy_initialization(key_states, value_states)
+        self._grow(self.capacity)
 
     def bind(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Makes caller-owned buffers (e.g. views of a slot pool) this layer's storage, which then cannot grow.
 
         The tokens written so far must already be in them: only the buffers change, not the count of tokens seen.
         """
-        if keys.shape != values.shape or keys.dim() != 4:
-            raise ValueError(
-                f"keys and values must be 4-d buffers of one shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
-            )
         if keys.shape[-2] < self.cumulative_length:
             raise ValueError(f"buffers of {keys.shape[-2]} tokens cannot hold the {self.cumulative_length} written")
         self.keys, self.values = keys, values
@@ -393,9 +391,7 @@ class FullKVLayer(KVPolicyLayer):
     def num_tokens_held(self) -> int:
         return self.cumulative_length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.cumulative_length
         end = start + key_states.shape[-2]
         if end > self.capacity:
@@ -407,8 +403,7 @@ class FullKVLayer(KVPolicyLayer):
             self._grow(max(end, 2 * self.capacity))
         self.keys[:, :, start:end].copy_(key_states)
         self.values[:, :, start:end].copy_(value_states)
-        self.cumulative_length = end
-        return self.filled()
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values written so far."""
