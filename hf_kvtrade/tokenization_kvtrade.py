@@ -177,10 +177,7 @@ class ReturnTokenizer(SpecialTokens):
         if bad.size:
             raise ValueError(f"token id at index {bad[0]} is {ids.flat[bad[0]]}, outside [0, {self.vocab_size})")
         bins = ids - self.first_bin_id
-        is_bin = bins >= 0
-        out = np.full(ids.shape, np.nan)
-        out[is_bin] = self.bin_centers[bins[is_bin]]
-        return out
+        return np.where(bins >= 0, self.bin_centers[np.maximum(bins, 0)], np.nan)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike) -> "ReturnTokenizer":
