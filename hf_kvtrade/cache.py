@@ -658,15 +658,12 @@ def build_cache(config: PreTrainedConfig, policy: str, /, **kwargs) -> Cache:
 
     ``policy`` is positional-only, so ``build_cache(config, "selective", policy="h2o")`` picks the eviction policy.
     """
-    if policy == "full":
-        return FullKVCache(config, **kwargs)
     if policy in ("int8", "int4"):
         return QuantizedKVCache(config, bits=int(policy[3:]), **kwargs)
-    if policy == "sink":
-        return SinkKVCache(config, **kwargs)
-    if policy == "selective":
-        return SelectiveKVCache(config, **kwargs)
-    raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+    classes = {"full": FullKVCache, "sink": SinkKVCache, "selective": SelectiveKVCache}
+    if policy not in classes:
+        raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+    return classes[policy](config, **kwargs)
 
 
 __all__ = [
