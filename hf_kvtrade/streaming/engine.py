@@ -269,7 +269,8 @@ class StreamingForecaster:
         self.sessions.drop_cache(session)
         session.anchor = self._anchor_of(session)
         window = session.token_ids[session.anchor :]
-        if self._pooled:
+        # Full caches behind a market prefix have a shorter window than the slots: they get caches of their own.
+        if self.sessions.pool is not None and self._prefix_cache is None:
             self.sessions.reserve_slot(keep)
             cache = self.sessions.pool.acquire()
         else:
@@ -284,11 +285,6 @@ class StreamingForecaster:
         session.last_logits = self.decoder.prefill(window, cache, start_position=self.prefix_length)
         self.tokens_computed += len(window)
         self.prefills += 1
-
-    @property
-    def _pooled(self) -> bool:
-        # Full caches behind a market prefix have a shorter window than the slots: they get caches of their own.
-        return self.sessions.pool is not None and self._prefix_cache is None
 
     def _new_cache(self) -> Cache:
         if self.cache_policy == "full":
