@@ -12,6 +12,8 @@ docs/cache_policies.md.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
@@ -101,10 +103,11 @@ class KVPolicyLayer(CacheLayerMixin):
     """Shared plumbing of the policy layers: seen-token counting, mask sizes, beam reordering and byte accounting,
     over the batch-major tensors a subclass names in ``state_names`` (so no piece of state can be forgotten)."""
 
-    is_compileable = False
     # Evicted or quantized tokens cannot be restored, so assisted decoding must not try to roll the cache back.
     is_croppable = False
     state_names: tuple[str, ...] = ("keys", "values")
+    # The states whose token axes together count the tokens held.
+    token_states: tuple[str, ...] = ("keys",)
 
     def __init__(self):
         super().__init__()
@@ -117,7 +120,18 @@ class KVPolicyLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        return sum(getattr(self, name).shape[-2] for name in self.token_states) if self.is_initialized else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self._append(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        return keys, values
+
+    @abstractmethod
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new tokens by the layer's policy; returns the keys and values their attention reads."""
 
     def nbytes(self) -> int:
         return sum(getattr(self, name).nbytes for name in self.state_names) if self.is_initialized else 0
@@ -157,6 +171,7 @@ class KIVILayer(KVPolicyLayer):
     """
 
     state_names = ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+    token_states = ("key_codes", "keys")
 
     def __init__(self, bits: int, residual_length: int, value_group_size: int):
         super().__init__()
@@ -170,13 +185,7 @@ class KIVILayer(KVPolicyLayer):
         for name, tensor in zip(self.state_names[2:], self._quantized_oldest(0)):
             setattr(self, name, tensor)
 
-    def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.key_codes.shape[-2] + self.keys.shape[-2]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys_out = torch.cat([self._dequantized_keys(), self.keys, key_states], dim=-2)
         values_out = torch.cat([self._dequantized_values(), self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -221,6 +230,7 @@ class SinkLayer(KVPolicyLayer):
     """
 
     state_names = ("sink_keys", "sink_values", "keys", "values")
+    token_states = ("sink_keys", "keys")
 
     def __init__(self, num_sink_tokens: int, window: int, rotary_embedding: nn.Module):
         super().__init__()
@@ -232,19 +242,13 @@ class SinkLayer(KVPolicyLayer):
         super().lazy_initialization(key_states, value_states)
         self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
 
-    def num_tokens_held(self) -> int:
-        return 0 if not self.is_initialized else self.sink_keys.shape[-2] + self.keys.shape[-2]
-
     def get_max_length(self) -> int:
         return self.num_sink_tokens + self.window
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         evicted = self.cumulative_length - self.num_tokens_held()
         keys_out = torch.cat([self._shifted_sink_keys(evicted), self.keys, key_states], dim=-2)
         values_out = torch.cat([self.sink_values, self.values, value_states], dim=-2)
-        self.cumulative_length += key_states.shape[-2]
 
         free_sinks = self.num_sink_tokens - self.sink_keys.shape[-2]
         if free_sinks > 0:
@@ -288,16 +292,13 @@ class SelectiveLayer(KVPolicyLayer):
     def get_max_length(self) -> int:
         return self.budget
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.awaiting_attention:
             raise RuntimeError(
                 f"selective policy {self.policy!r} ranks tokens by the attention they receive, but the last forward "
                 "pass reported none: call hf_kvtrade.cache.track_attention(model) once and run the model with "
                 "attn_implementation='eager'"
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.uses_attention:
@@ -372,20 +373,14 @@ class FullKVLayer(KVPolicyLayer):
         self.growable = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
-        self.values = torch.zeros_like(self.keys)
-        self.is_initialized = True
+        super().lazy_initialization(key_states, value_states)
+        self._grow(self.capacity)
 
     def bind(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Makes caller-owned buffers (e.g. views of a slot pool) this layer's storage, which then cannot grow.
 
         The tokens written so far must already be in them: only the buffers change, not the count of tokens seen.
         """
-        if keys.shape != values.shape or keys.dim() != 4:
-            raise ValueError(
-                f"keys and values must be 4-d buffers of one shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
-            )
         if keys.shape[-2] < self.cumulative_length:
             raise ValueError(f"buffers of {keys.shape[-2]} tokens cannot hold the {self.cumulative_length} written")
         self.keys, self.values = keys, values
@@ -396,9 +391,7 @@ class FullKVLayer(KVPolicyLayer):
     def num_tokens_held(self) -> int:
         return self.cumulative_length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.cumulative_length
         end = start + key_states.shape[-2]
         if end > self.capacity:
@@ -410,8 +403,7 @@ class FullKVLayer(KVPolicyLayer):
             self._grow(max(end, 2 * self.capacity))
         self.keys[:, :, start:end].copy_(key_states)
         self.values[:, :, start:end].copy_(value_states)
-        self.cumulative_length = end
-        return self.filled()
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values written so far."""
@@ -470,9 +462,6 @@ class PrefixedLayer(CacheLayerMixin):
 
     Only the wrapped layer is written and counted in ``nbytes()``; the prefix is read by reference.
     """
-
-    is_compileable = False
-    is_croppable = False
 
     def __init__(self, prefix: FullKVLayer, layer: CacheLayerMixin):
         # No CacheLayerMixin.__init__: the wrapped layer's state is the only state.
@@ -669,15 +658,12 @@ def build_cache(config: PreTrainedConfig, policy: str, /, **kwargs) -> Cache:
 
     ``policy`` is positional-only, so ``build_cache(config, "selective", policy="h2o")`` picks the eviction policy.
     """
-    if policy == "full":
-        return FullKVCache(config, **kwargs)
     if policy in ("int8", "int4"):
         return QuantizedKVCache(config, bits=int(policy[3:]), **kwargs)
-    if policy == "sink":
-        return SinkKVCache(config, **kwargs)
-    if policy == "selective":
-        return SelectiveKVCache(config, **kwargs)
-    raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+    classes = {"full": FullKVCache, "sink": SinkKVCache, "selective": SelectiveKVCache}
+    if policy not in classes:
+        raise ValueError(f"policy must be one of {CACHE_POLICIES}, got {policy!r}")
+    return classes[policy](config, **kwargs)
 
 
 __all__ = [

@@ -37,8 +37,7 @@ class BinnedDistribution:
     @classmethod
     def from_token_probs(cls, token_probs: np.ndarray, tokenizer) -> "BinnedDistribution":
         """Drops the special tokens' mass (pad/bos/eos/missing) and renormalizes over the return bins."""
-        token_probs = np.asarray(token_probs, dtype=np.float64)
-        return cls(token_probs[..., tokenizer.first_bin_id : tokenizer.vocab_size], tokenizer.bin_edges)
+        return cls(np.asarray(token_probs)[..., tokenizer.first_bin_id : tokenizer.vocab_size], tokenizer.bin_edges)
 
     @property
     def widths(self) -> np.ndarray:
@@ -94,10 +93,9 @@ class BinnedDistribution:
         split = np.clip(x[..., None], lo, hi)
         below = _integral_of_square(f_lo, f_hi, lo, hi, lo, split, offset=0.0)
         above = _integral_of_square(f_lo, f_hi, lo, hi, split, hi, offset=1.0)
-        total = np.sum(below + above, axis=-1)
         # Mass-free tails beyond the grid: F = 0 left of it, F = 1 right of it.
-        total += np.maximum(self.edges[0] - x, 0.0) + np.maximum(x - self.edges[-1], 0.0)
-        return total
+        tails = np.maximum(self.edges[0] - x, 0.0) + np.maximum(x - self.edges[-1], 0.0)
+        return np.sum(below + above, axis=-1) + tails
 
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

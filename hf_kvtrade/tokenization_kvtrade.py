@@ -43,12 +43,22 @@ class Encoding:
         return np.flatnonzero(self.clipped)
 
 
+class SpecialTokens:
+    """The ids every tokenizer of the project starts with: pad, bos, eos and missing-bar."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    missing_token_id = 3
+    num_special_tokens = 4
+
+
 @dataclass
-class ReturnTokenizer:
+class ReturnTokenizer(SpecialTokens):
     """Bins log-returns on a fixed mu-law grid.
 
-    Ids ``0..3`` are pad, bos, eos and missing-bar; ids ``4 .. 4 + num_bins - 1`` are return bins in increasing
-    order. ``encode(prices)`` gives ``[bos]`` followed by one token per return, i.e. ``len(prices)`` ids.
+    Ids ``0..3`` are the special tokens; ids ``4 .. 4 + num_bins - 1`` are return bins in increasing order.
+    ``encode(prices)`` gives ``[bos]`` followed by one token per return, i.e. ``len(prices)`` ids.
     """
 
     num_bins: int = 1024
@@ -57,12 +67,6 @@ class ReturnTokenizer:
     bin_edges: np.ndarray = field(init=False, repr=False, compare=False)
     bin_widths: np.ndarray = field(init=False, repr=False, compare=False)
     bin_centers: np.ndarray = field(init=False, repr=False, compare=False)
-
-    pad_token_id = 0
-    bos_token_id = 1
-    eos_token_id = 2
-    missing_token_id = 3
-    num_special_tokens = 4
 
     def __post_init__(self):
         if self.num_bins < 2 or self.num_bins % 2:
@@ -86,8 +90,11 @@ class ReturnTokenizer:
     def first_bin_id(self) -> int:
         return self.num_special_tokens
 
-    def encode_returns_with_info(self, returns, missing: str = "error", add_bos: bool = False) -> Encoding:
-        """Tokenizes log-returns directly. NaN returns raise unless ``missing="token"``."""
+    def encode_returns(self, returns, missing: str = "error") -> np.ndarray:
+        """Tokenizes log-returns directly, without ``bos``. NaN returns raise unless ``missing="token"``."""
+        return self._encode_returns(returns, missing).ids
+
+    def _encode_returns(self, returns, missing: str, bos: bool = False) -> Encoding:
         if missing not in ("error", "token"):
             raise ValueError(f"missing must be 'error' or 'token', got {missing!r}")
         returns = np.asarray(returns, dtype=np.float64)
@@ -107,13 +114,13 @@ class ReturnTokenizer:
                 f"{int(np.flatnonzero(clipped)[0])}) were put in the end bins; see Encoding.clipped",
                 stacklevel=2,
             )
-        if add_bos:
+        if bos:
             ids = np.concatenate([[self.bos_token_id], ids])
             returns = np.concatenate([[np.nan], returns])
             clipped = np.concatenate([[False], clipped])
         return Encoding(ids=ids, returns=returns, clipped=clipped)
 
-    def encode_with_info(self, prices, timestamps=None, missing: str = "error", add_bos: bool = True) -> Encoding:
+    def encode_with_info(self, prices, timestamps=None, missing: str = "error") -> Encoding:
         """Tokenizes a price series: one id per price (``bos`` for the first, then one per log-return).
 
         NaN prices become the missing-bar token when ``missing="token"``; the next return is then taken against
@@ -139,13 +146,10 @@ class ReturnTokenizer:
         log_prices = np.log(np.where(is_nan, 1.0, prices))
         returns = log_prices[1:] - log_prices[last_valid[:-1]]
         returns[is_nan[1:]] = np.nan
-        return self.encode_returns_with_info(returns, missing=missing, add_bos=add_bos)
+        return self._encode_returns(returns, missing, bos=True)
 
-    def encode(self, prices, timestamps=None, missing: str = "error", add_bos: bool = True) -> np.ndarray:
-        return self.encode_with_info(prices, timestamps=timestamps, missing=missing, add_bos=add_bos).ids
-
-    def encode_returns(self, returns, missing: str = "error", add_bos: bool = False) -> np.ndarray:
-        return self.encode_returns_with_info(returns, missing=missing, add_bos=add_bos).ids
+    def encode(self, prices, timestamps=None, missing: str = "error") -> np.ndarray:
+        return self.encode_with_info(prices, timestamps=timestamps, missing=missing).ids
 
     def _bins(self, returns: np.ndarray) -> np.ndarray:
         """Bin index (0-based, not token id) of each finite log-return; values beyond the clip go to the end bins."""
@@ -173,10 +177,7 @@ class ReturnTokenizer:
         if bad.size:
             raise ValueError(f"token id at index {bad[0]} is {ids.flat[bad[0]]}, outside [0, {self.vocab_size})")
         bins = ids - self.first_bin_id
-        is_bin = bins >= 0
-        out = np.full(ids.shape, np.nan)
-        out[is_bin] = self.bin_centers[bins[is_bin]]
-        return out
+        return np.where(bins >= 0, self.bin_centers[np.maximum(bins, 0)], np.nan)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike) -> "ReturnTokenizer":
@@ -190,4 +191,4 @@ class ReturnTokenizer:
         return cls(num_bins=get("num_bins", 1024), clip=get("return_clip", 0.2), mu=get("mu_law", 255.0))
 
 
-__all__ = ["Encoding", "ReturnTokenizer"]
+__all__ = ["Encoding", "ReturnTokenizer", "SpecialTokens"]

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
+from ..tokenization_kvtrade import SpecialTokens
+
 TOKENIZER_FILE = "orderbook_tokenizer.json"
 FEATURE_COLUMNS = ("mid", "imbalance_1", "ofi")
 # Inner edges of the OFI bins (BTC at the touch per tick). Around 70% of the training ticks have an OFI of zero to
@@ -27,15 +29,10 @@ DEFAULT_OFI_EDGES = (-2.0, -0.5, -0.15, -0.05, -1e-9, 1e-9, 0.05, 0.15, 0.5, 2.0
 
 
 @dataclass(frozen=True)
-class OrderBookTokenizer:
-    """Ids ``0..3`` are pad, bos, eos and missing (as in :class:`~hf_kvtrade.ReturnTokenizer`), then the move bins
+class OrderBookTokenizer(SpecialTokens):
+    """Ids ``0..3`` are the special tokens of :class:`~hf_kvtrade.ReturnTokenizer`, then the move bins
     (``-max_move .. +max_move`` mid steps), the imbalance bins (uniform over [-1, 1]) and the OFI bins."""
 
-    pad_token_id = 0
-    bos_token_id = 1
-    eos_token_id = 2
-    missing_token_id = 3
-    num_special_tokens = 4
     tokens_per_tick = 3
 
     mid_step: float = 0.5

@@ -4,9 +4,9 @@ The step runs the model's own Llama-layout modules for one token per session, sk
 mask and output bookkeeping, which dominates a one-token step on a CPU; q/k/v and gate/up projections are fused into
 copies (the model's weights are untouched). Rows of different lengths are padded and masked. Attention is SDPA over
 the KV heads, each KV head's query heads laid out as its query rows, so no key or value is repeated (about 1.4x
-faster than ``enable_gqa`` here). One session attends to its buffers in place; rows in a
-:class:`~hf_kvtrade.streaming.slots.SlotPool` are written with one indexed write per layer and read as a view or one
-gather; rows behind a market prefix are copied into a padded workspace. Measurements: docs/streaming.md.
+faster than ``enable_gqa`` here). One session attends to its buffers in place, rows of a
+:class:`~hf_kvtrade.streaming.slots.SlotPool` to the pool, and rows behind a market prefix to a padded workspace.
+Measurements: docs/streaming.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class BatchedDecoder:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
+        self.device = model.lm_head.weight.device
         self.config = model.config
         self.prefill_chunk = prefill_chunk
         self.num_heads = self.config.num_attention_heads
@@ -42,10 +43,6 @@ class BatchedDecoder:
         kv_width = self.num_kv_heads * self.head_dim
         self.split = (self.num_heads * self.head_dim, kv_width, kv_width)
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
 
     def prefill(self, ids: list[int], cache, start_position: int) -> torch.Tensor:
         """Runs ``ids`` at positions ``start_position, ...`` into ``cache``; returns the last token's logits."""
@@ -81,9 +78,8 @@ class BatchedDecoder:
         cos, sin = self.model.model.rotary_emb(hidden, position_ids=positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads and query rows: (rows, 1, 1, head_dim)
         padded_length = prefix_length + max(lengths) + 1
-        mask = None
-        if rows > 1:  # row r sees keys 0..positions[r]
-            mask = (torch.arange(padded_length, device=self.device) <= positions[:, None])[:, None, None]
+        visible = torch.arange(padded_length, device=self.device) <= positions[:, None]  # row r: keys 0..positions[r]
+        mask = visible[:, None, None] if rows > 1 else None
         pooled = pool is not None and prefix is None and rows > 1
         if pooled:
             slots = pool.slots_of(caches)

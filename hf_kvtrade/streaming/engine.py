@@ -192,8 +192,7 @@ class StreamingForecaster:
         moving = [symbol for symbol in batch if sessions[symbol].last_price is not None]
         returns = [math.log(parsed[symbol][0] / sessions[symbol].last_price) for symbol in moving]
         token_ids = dict.fromkeys(batch, self.tokenizer.bos_token_id)
-        if moving:
-            token_ids.update(zip(moving, self.tokenizer.encode_returns(returns).tolist()))
+        token_ids.update(zip(moving, self.tokenizer.encode_returns(returns).tolist()))
         stepping = {}
         for symbol, (price, timestamp) in parsed.items():
             session, token_id = sessions[symbol], token_ids[symbol]
@@ -246,21 +245,19 @@ class StreamingForecaster:
         sessions = [self.sessions[symbol] for symbol in symbols]
         logits = torch.stack([session.last_logits for session in sessions])
         forecasts = self.summarize(logits, [session.last_price for session in sessions])
-        ticks = {
+        signals = [self.signal_rule(forecast) for forecast in forecasts]
+        latency_ms = (time.perf_counter() - started) * 1e3
+        return {
             symbol: TickForecast(
                 symbol=symbol,
                 timestamp=session.last_timestamp,
                 forecast=forecast,
-                signal=self.signal_rule(forecast),
-                latency_ms=0.0,
+                signal=signal,
+                latency_ms=latency_ms,
                 context_tokens=self.prefix_length + session.tokens_in_cache,
             )
-            for symbol, session, forecast in zip(symbols, sessions, forecasts)
+            for symbol, session, forecast, signal in zip(symbols, sessions, forecasts, signals)
         }
-        latency_ms = (time.perf_counter() - started) * 1e3
-        for tick in ticks.values():
-            tick.latency_ms = latency_ms
-        return ticks
 
     def _anchor_of(self, session: Session) -> int:
         """Where the symbol's context starts: the policy's anchor, or the stream's start for a sink cache, which bounds
@@ -272,7 +269,8 @@ class StreamingForecaster:
         self.sessions.drop_cache(session)
         session.anchor = self._anchor_of(session)
         window = session.token_ids[session.anchor :]
-        if self._pooled:
+        # Full caches behind a market prefix have a shorter window than the slots: they get caches of their own.
+        if self.sessions.pool is not None and self._prefix_cache is None:
             self.sessions.reserve_slot(keep)
             cache = self.sessions.pool.acquire()
         else:
@@ -287,11 +285,6 @@ class StreamingForecaster:
         session.last_logits = self.decoder.prefill(window, cache, start_position=self.prefix_length)
         self.tokens_computed += len(window)
         self.prefills += 1
-
-    @property
-    def _pooled(self) -> bool:
-        # Full caches behind a market prefix have a shorter window than the slots: they get caches of their own.
-        return self.sessions.pool is not None and self._prefix_cache is None
 
     def _new_cache(self) -> Cache:
         if self.cache_policy == "full":

@@ -60,7 +60,6 @@ class SessionStore(OrderedDict[str, Session]):
         return 0 if session is None or session.cache is None else int(session.cache.nbytes())
 
     def cache_bytes(self) -> int:
-        """Bytes of all live caches: the shared prefix once, the slot pool, and every other resident cache."""
         pooled = 0 if self.pool is None else self.pool.nbytes()
         return self.prefix_bytes + pooled + sum(
             self.session_bytes(symbol)
@@ -112,7 +111,6 @@ class SessionStore(OrderedDict[str, Session]):
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def evict(self, symbol: str) -> None:
-        """Drops the cache of ``symbol``; its history stays."""
         if symbol not in self:
             raise ValueError(f"unknown symbol {symbol!r}")
         session = self[symbol]

@@ -21,8 +21,6 @@ class SlotPool:
     :class:`~hf_kvtrade.cache.FullKVCache` sessions of a model with ``config``."""
 
     def __init__(self, config: PreTrainedConfig, capacity: int, dtype: torch.dtype, device: torch.device | str):
-        if capacity < 1:
-            raise ValueError(f"slot capacity must be at least 1 token, got {capacity}")
         self.config = config
         self.capacity = capacity
         self.slot_bytes = kv_cache_bytes(config, capacity, dtype)
@@ -64,9 +62,7 @@ class SlotPool:
         self._caches[slot] = None
 
     def grow(self, slots: int) -> None:
-        """Reallocates the pool with ``slots`` slots, copying the current ones and re-binding their caches."""
-        if slots <= self.slots:
-            raise ValueError(f"the pool has {self.slots} slots; growing needs more, got {slots}")
+        """Reallocates the pool with ``slots`` (more) slots, copying the current ones and re-binding their caches."""
         for tensors in (self.keys, self.values):
             for layer, old in enumerate(tensors):
                 tensors[layer] = old.new_zeros((slots, *old.shape[1:]))
