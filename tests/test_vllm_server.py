@@ -316,7 +316,7 @@ request_fields = {
     "n": small_counts,
     "max_tokens": st.integers(-2, 3000) | json_values,
     "logprobs": st.integers(-2, 2 * VOCAB_SIZE) | json_values,
-    "temperature": st.floats(allow_nan=False) | json_values,
+    "temperature": st.floats(allow_nan=False, allow_infinity=False) | json_values,
 }
 request_bodies = st.fixed_dictionaries({}, optional=request_fields) | json_values
 
