@@ -12,9 +12,12 @@ import os
 import numpy as np
 
 from .context import ContextPolicy
-from .distribution import BaseForecaster, PathSampling
+from .distribution import BaseForecaster, PathSampling, next_token_kwargs
 from .serving import DEFAULT_MAX_REQUEST_TOKENS, engine_settings
 from .tokenization_kvtrade import ReturnTokenizer
+
+# Answers in token ids, not text: the return tokens have no text, and the client reads ids back.
+TOKEN_ID_OUTPUT = {"return_token_ids": True, "return_tokens_as_token_ids": True}
 
 
 class _VLLMForecasting(BaseForecaster):
@@ -77,8 +80,7 @@ class ForecastClient(_VLLMForecasting):
 
     def complete(self, prompts: list[list[int]], **params):
         """One `/v1/completions` call for a batch of token-id prompts; results come back as token ids."""
-        extra_body = {"return_token_ids": True, "return_tokens_as_token_ids": True}
-        extra_body.update(params.pop("extra_body", {}))
+        extra_body = {**TOKEN_ID_OUTPUT, **params.pop("extra_body", {})}
         return self.openai.completions.create(model=self.model, prompt=prompts, extra_body=extra_body, **params)
 
     def _within_budget(self, prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
@@ -96,10 +98,14 @@ class ForecastClient(_VLLMForecasting):
         return np.concatenate([self._next_token_probs(group) for group in self._within_budget(prompts, 1)])
 
     def _next_token_probs(self, prompts):
-        response = self.complete(prompts, max_tokens=1, logprobs=self.tokenizer.vocab_size)
+        response = self.complete(prompts, **next_token_kwargs(self.tokenizer.vocab_size))
         tops = [choice.logprobs.top_logprobs[0] for choice in sorted(response.choices, key=lambda c: c.index)]
+        return np.stack([self.probs_from_top_logprobs(top) for top in tops])
+
+    def probs_from_top_logprobs(self, top: dict[str, float]) -> np.ndarray:
+        """Token probabilities from one position's ``top_logprobs`` as the server returns them."""
         # With return_tokens_as_token_ids the keys read "token_id:<id>".
-        return np.stack([self._token_probs((int(key.rsplit(":", 1)[1]) for key in top), top.values()) for top in tops])
+        return self._token_probs((int(key.rsplit(":", 1)[1]) for key in top), top.values())
 
     def sample_paths(self, prompts, horizon, num_samples, seed=None):
         if num_samples * sum(len(prompt) + horizon for prompt in prompts) <= self.max_request_tokens:
@@ -148,7 +154,7 @@ class OfflineForecaster(_VLLMForecasting):
     def next_token_probs(self, prompts):
         from vllm import SamplingParams
 
-        outputs = self.generate(prompts, SamplingParams(max_tokens=1, logprobs=self.tokenizer.vocab_size))
+        outputs = self.generate(prompts, SamplingParams(**next_token_kwargs(self.tokenizer.vocab_size)))
         tops = [output.outputs[0].logprobs[0] for output in outputs]
         return np.stack([self._token_probs(top.keys(), (entry.logprob for entry in top.values())) for top in tops])
 
@@ -160,4 +166,4 @@ class OfflineForecaster(_VLLMForecasting):
         return np.array([[sample.token_ids for sample in output.outputs] for output in outputs], dtype=np.int64)
 
 
-__all__ = ["ForecastClient", "OfflineForecaster"]
+__all__ = ["TOKEN_ID_OUTPUT", "ForecastClient", "OfflineForecaster"]

@@ -196,6 +196,12 @@ class PathSampling:
                     allowed_token_ids=list(range(self.first_bin_id, self.vocab_size)))  # fmt: skip
 
 
+def next_token_kwargs(vocab_size: int) -> dict:
+    """Fields of vLLM's ``SamplingParams`` (and ``/v1/completions``) for an exact horizon-1 forecast: one token and
+    the logprob of every token in the vocabulary, so the distribution is whole, not a top-k truncation."""
+    return {"max_tokens": 1, "logprobs": vocab_size}
+
+
 class BaseForecaster(ABC):
     """Prices in, `Forecast` out, the same on every backend (Transformers, vLLM offline, vLLM server).
 
@@ -253,4 +259,4 @@ def _integral_of_square(f_lo, f_hi, lo, hi, a, b, offset):
     return (b - a) * (g_a**2 + g_a * g_b + g_b**2) / 3.0
 
 
-__all__ = ["BaseForecaster", "BinnedDistribution", "Forecast", "PathSampling"]
+__all__ = ["BaseForecaster", "BinnedDistribution", "Forecast", "PathSampling", "next_token_kwargs"]

@@ -48,22 +48,22 @@ async def measure(url: str, model: str, tokenizer, budget: int, max_samples: int
     """The fairness scenario against the server whose ``/v1/completions`` is ``url``."""
     import httpx
 
+    from ..client import TOKEN_ID_OUTPUT
+    from ..distribution import PathSampling, next_token_kwargs
+
     rng = np.random.default_rng(0)
-    bins = list(range(tokenizer.first_bin_id, tokenizer.vocab_size))
     n = heavy_shape(budget, max_samples, args.fairness_heavy_prompt, args.fairness_heavy_steps)
+    light_request = {"model": model, **TOKEN_ID_OUTPUT, **next_token_kwargs(tokenizer.vocab_size)}
+    heavy_request = {
+        "model": model, **TOKEN_ID_OUTPUT,
+        **PathSampling.for_tokenizer(tokenizer, args.fairness_heavy_steps, n).vllm_kwargs(),
+    }
 
     def light_body() -> dict:
-        return {
-            "model": model, "prompt": _prompt(rng, tokenizer, args.fairness_light_prompt), "max_tokens": 1,
-            "logprobs": tokenizer.vocab_size, "return_tokens_as_token_ids": True,
-        }  # fmt: skip
+        return {**light_request, "prompt": _prompt(rng, tokenizer, args.fairness_light_prompt)}
 
     def heavy_body() -> dict:
-        return {
-            "model": model, "prompt": _prompt(rng, tokenizer, args.fairness_heavy_prompt), "n": n,
-            "max_tokens": args.fairness_heavy_steps, "min_tokens": args.fairness_heavy_steps, "temperature": 1.0,
-            "top_k": -1, "allowed_token_ids": bins, "return_token_ids": True,
-        }  # fmt: skip
+        return {**heavy_request, "prompt": _prompt(rng, tokenizer, args.fairness_heavy_prompt)}
 
     async with httpx.AsyncClient(timeout=600.0, headers=headers or {}) as http:
 

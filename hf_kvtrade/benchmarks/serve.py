@@ -260,14 +260,15 @@ def flat_next_token_probs(vllm, prompts):
     vLLM in flat lists instead of one ``Logprob`` object per token per request, and read without building a dict."""
     from vllm import SamplingParams
 
-    vocab = vllm.tokenizer.vocab_size
-    outputs = vllm.generate(prompts, SamplingParams(max_tokens=1, logprobs=vocab, flat_logprobs=True))
-    probs = np.zeros((len(prompts), vocab))
-    for row, output in zip(probs, outputs):
+    from ..distribution import next_token_kwargs
+
+    sampling = SamplingParams(**next_token_kwargs(vllm.tokenizer.vocab_size), flat_logprobs=True)
+    probs = []
+    for output in vllm.generate(prompts, sampling):
         flat = output.outputs[0].logprobs
         start, end = flat.start_indices[0], flat.end_indices[0]
-        row[np.asarray(flat.token_ids[start:end])] = np.exp(np.asarray(flat.logprobs[start:end], dtype=np.float64))
-    return probs
+        probs.append(vllm._token_probs(flat.token_ids[start:end], flat.logprobs[start:end]))
+    return np.stack(probs)
 
 
 def _new_bar_latencies(vllm, prices, policy, ticks: int) -> dict:
@@ -459,11 +460,12 @@ def _load(args, server: str, url: str, stride: int, client_bodies, parse, cached
 
 def _vllm_load(args, client, hf) -> dict:
     """The `/v1/completions` bodies `ForecastClient.next_token_probs` / `.sample_paths` send, one prompt each."""
-    from ..distribution import PathSampling
+    from ..client import TOKEN_ID_OUTPUT
+    from ..distribution import PathSampling, next_token_kwargs
 
-    body = {"model": client.model, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    body = {"model": client.model, **TOKEN_ID_OUTPUT}
     sampling = {
-        "h1": {"max_tokens": 1, "logprobs": client.tokenizer.vocab_size},
+        "h1": next_token_kwargs(client.tokenizer.vocab_size),
         "paths": PathSampling.for_tokenizer(client.tokenizer, args.steps, args.paths).vllm_kwargs(),
     }
 
@@ -474,8 +476,7 @@ def _vllm_load(args, client, hf) -> dict:
     def parse(kind, answer):
         if kind == "paths":
             return np.array([choice["token_ids"] for choice in answer["choices"]])
-        top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
-        return client._token_probs((int(key.rsplit(":", 1)[1]) for key in top), top.values())
+        return client.probs_from_top_logprobs(answer["choices"][0]["logprobs"]["top_logprobs"][0])
 
     url = f"{str(client.openai.base_url).rstrip('/')}/completions"
     return _load(args, "vLLM server", url, client.context_policy.stride, client_bodies, parse, cached_tokens=True)
